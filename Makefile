@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`.
+# Each creates the virtual environment from requirements*.txt when it is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.radnet-installed
+
+.PHONY: test demo venv clean-demo
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	PYTHON=$(PY) bash launch/demo.sh
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,1 @@
+"""Offline command-line tools: DICOM archive → index → volumes; LiTS → dataset."""

@@ -1,0 +1,1 @@
+"""Input pipelines: the TensorStore dataset, Grain sources and augmentation."""

@@ -1,0 +1,80 @@
+"""radnet's entrypoint: flags → config → task function.
+
+    python -m radnet.main --config=configs/pretrain.py --workdir=DIR [--config.x=y ...]
+
+``config.task`` picks the task; each task is a function ``run(config, workdir)``
+in a module imported only when needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Config file, optionally with an argument: configs/x.py:key=value,... Any field of the "
+    "config can then be overridden with --config.<field>=value (e.g. --config.train.batch_size=4).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False,
+    "Print the resolved config (after --config.<field>=value overrides) and the task it "
+    "dispatches to, then exit without running it.")
+
+# task name → "module:function"
+TASKS = {
+    "pretrain": "radnet.train.pretrain:run",
+    "evaluate": "radnet.evaluate:run",
+    "segment": "radnet.train.segment:run",
+}
+
+
+class TaskUnavailable(RuntimeError):
+    """The task's code is not part of this checkout."""
+
+
+def resolve_task(task: str):
+    """Returns the task function, or raises TaskUnavailable naming what is missing."""
+    if task not in TASKS:
+        raise TaskUnavailable(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+    module_name, _, function_name = TASKS[task].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise TaskUnavailable(
+                f"task {task!r} is not implemented yet ({module_name} is missing)") from None
+        raise
+    if not hasattr(module, function_name):
+        raise TaskUnavailable(
+            f"task {task!r} is not implemented yet ({module_name}.{function_name} is missing)")
+    return getattr(module, function_name)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    if _PRINT_CONFIG.value:
+        print(config.to_json_best_effort(indent=2, sort_keys=True))
+        print(f"dispatch: task {config.task!r} -> {TASKS.get(config.task, '?')}")
+        return 0
+    try:
+        task_fn = resolve_task(config.task)
+    except TaskUnavailable as e:
+        print(f"radnet: {e}", file=sys.stderr)
+        return 2
+    logging.info("task %s, workdir %s", config.task, _WORKDIR.value)
+    return task_fn(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

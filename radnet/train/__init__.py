@@ -1,0 +1,1 @@
+"""Training loops, losses, sharding and checkpointing."""
