@@ -18,6 +18,12 @@ from radnet.models import resnet3d
 TINY = (2, 16, 32, 32, 1)  # [B, D, H, W, C]
 
 
+def key(seed):
+    # "rbg" keys: on this CPU jaxlib a jitted init with threefry keys spends ~5 s
+    # compiling the generator for every parameter shape; the initialisers are the same.
+    return jax.random.key(seed, impl="rbg")
+
+
 def _init_shapes(model, shape, **kwargs):
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.eval_shape(lambda k, x: model.init(k, x, train=False, **kwargs),
@@ -281,12 +287,12 @@ def test_encoder_paths_identical_in_classifier_and_vnet(variant, shape):
 def test_pretrained_encoder_drops_into_vnet_by_name():
     """The classifier's encoder variables, placed under the VNet's ``encoder``,
     give the VNet exactly the encoder features the classifier computes."""
-    x = jax.random.normal(jax.random.key(1), TINY)
+    x = jax.random.normal(key(1), TINY)
     common = dict(depth=10, width=4)
     classifier = models.get("radnet")(hidden=8, **common)
     segmenter = models.get("vnet")(num_classes=2, decoder_width=4, **common)
-    pretrained = jax.jit(lambda x: classifier.init(jax.random.key(2), x, train=False))(x)
-    fresh = jax.jit(lambda x: segmenter.init(jax.random.key(3), x, train=False))(x)
+    pretrained = jax.jit(lambda k, x: classifier.init(k, x, train=False))(key(2), x)
+    fresh = jax.jit(lambda k, x: segmenter.init(k, x, train=False))(key(3), x)
     merged = {c: {**fresh[c], "encoder": pretrained[c]["encoder"]} for c in fresh}
 
     @jax.jit
