@@ -29,7 +29,7 @@ from typing import Iterator
 
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from radnet.data import source as source_lib
 
@@ -128,6 +128,11 @@ def train_iterator(dataset_path: str, *, split: str = "train", batch_size: int, 
     stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=prefetch_buffer,
                                                        prefetch_buffer_size=prefetch_buffer))
     if worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker start reads its absl flags; outside an absl app
+            # (notebooks, pytest, bench scripts) nothing has parsed them, so take
+            # their defaults rather than fail. Inside radnet.main they are parsed.
+            flags.FLAGS.mark_as_parsed()
         stream = stream.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
             num_workers=worker_count, per_worker_buffer_size=prefetch_buffer))
     return iter(stream)
