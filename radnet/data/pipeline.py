@@ -54,13 +54,24 @@ def _shuffle_seed(seed: int) -> int:
 
 
 class _ReadBatch(grain.transforms.Map):
-    """Positions [b] → batch dict, through the source's concurrent batched read."""
+    """Positions [b] → batch dict, through the source's concurrent batched read.
 
-    def __init__(self, source: source_lib.ZarrVolumeSource):
+    In a Grain worker (``shared_memory``) the volumes are decoded straight into
+    shared memory: Grain passes a SharedMemoryArray to the main process by name,
+    where a plain array would be copied into shared memory once more (that copy
+    halved the per-worker throughput in bench/loader.py).
+    """
+
+    def __init__(self, source: source_lib.ZarrVolumeSource, shared_memory: bool):
         self._source = source
+        self._shared_memory = shared_memory
 
     def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        return self._source.read(positions)
+        out = None
+        if self._shared_memory and len(positions):
+            out = grain.multiprocessing.SharedMemoryArray(
+                (len(positions), *self._source.volume_shape), np.uint8)
+        return self._source.read(positions, volume_out=out)
 
 
 def train_iterator(dataset_path: str, *, split: str = "train", batch_size: int, seed: int,
@@ -120,7 +131,8 @@ def train_iterator(dataset_path: str, *, split: str = "train", batch_size: int, 
                              "(not a whole global batch of %d)", total - kept, total, global_batch)
             positions = positions[:kept]
     positions = positions[process_index::process_count]
-    batches = positions.batch(batch_size, drop_remainder=drop_remainder).map(_ReadBatch(src))
+    batches = positions.batch(batch_size, drop_remainder=drop_remainder).map(
+        _ReadBatch(src, shared_memory=worker_count > 0))
     logging.info("train_iterator: %s split=%s rows=%d process %d/%d batch %d workers %d",
                  dataset_path, split, num_rows, process_index, process_count, batch_size,
                  worker_count)

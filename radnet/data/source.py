@@ -143,23 +143,31 @@ class ZarrVolumeSource:
         batch = self.read(np.asarray(positions))
         return [{k: v[i] for k, v in batch.items()} for i in range(len(positions))]
 
-    def read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    def read(self, positions: np.ndarray, volume_out: np.ndarray | None = None
+             ) -> dict[str, np.ndarray]:
         """Positions [b] → a batch: volume uint8 [b, D, H, W], labels [b, ...], index int32 [b].
 
         The b chunks are read by one TensorStore call, so they are fetched and
-        decoded concurrently (within the process's limits).
+        decoded concurrently (within the process's limits), straight into
+        ``volume_out`` when given (e.g. a shared-memory array a Grain worker
+        hands to the main process without another copy).
         """
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"positions out of range [0, {len(self)}): {positions.tolist()}")
         rows = self.rows[positions]
         store = self._volume_store()
+        shape = (len(rows), *self.volume_shape)
+        if volume_out is None:
+            volume_out = np.empty(shape, dtype=np.uint8)
+        elif volume_out.shape != shape or volume_out.dtype != np.uint8:
+            raise ValueError(f"volume_out must be uint8 {shape}, got {volume_out.dtype} "
+                             f"{volume_out.shape}")
         if len(rows):
-            # One read over an index array: TensorStore fetches and decodes the
-            # b chunks concurrently and writes them straight into one array.
-            volume = store[rows.tolist()].read().result()
-        else:
-            volume = np.empty((0, *self.volume_shape), dtype=np.uint8)
+            # One copy over an index array into a view of the caller's buffer:
+            # the b chunks are decoded concurrently and land in place.
+            ts.array(volume_out, copy=False).write(store[rows.tolist()]).result()
+        volume = volume_out
         out = {"volume": volume}
         for name in LABEL_FIELDS:
             out[name] = self.labels[name][positions]
