@@ -113,13 +113,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 _WORKER: dict[str, Any] = {}
 
 
-def _kvstore(out: str, prefix: str = "") -> ts.KvStore:
-    return ts.KvStore.open(schema.kvstore_spec(out.rstrip("/") + "/" + prefix)).result()
+def _kvstore(out: str, prefix: str = "", context: ts.Context | None = None) -> ts.KvStore:
+    return ts.KvStore.open(schema.kvstore_spec(out.rstrip("/") + "/" + prefix),
+                           context=context or ts.Context()).result()
 
 
-def _init_worker(out: str, dicom_root: str, options: volume_core.VolumeOptions) -> None:
-    _WORKER["volume"] = schema.open_arrays(out, names=("volume",), read_only=False)["volume"]
-    _WORKER["done"] = _kvstore(out, BUILD_PREFIX)
+def _context(fsync: bool) -> ts.Context:
+    # fsync makes a completed write survive a power loss or OS crash, not just kill -9.
+    return ts.Context({"file_io_sync": bool(fsync)})
+
+
+def _init_worker(out: str, dicom_root: str, options: volume_core.VolumeOptions,
+                 fsync: bool = True) -> None:
+    _WORKER["volume"] = schema.open_arrays(out, names=("volume",), read_only=False,
+                                           context=_context(fsync))["volume"]
     _WORKER["dicom_root"] = dicom_root
     _WORKER["options"] = options
 
@@ -136,7 +143,7 @@ def _scrub(message: str, paths: list[str], dicom_root: str) -> str:
 
 
 def _work(task: Task) -> dict:
-    """Builds one series, writes its chunk, then its done marker. Returns the outcome."""
+    """Builds one series and writes its chunk (waiting for completion). Returns the outcome."""
     options: volume_core.VolumeOptions = _WORKER["options"]
     root = _WORKER["dicom_root"]
     abs_paths = [os.path.join(root, *p.split("/")) for p in task.paths]
@@ -158,7 +165,8 @@ def _work(task: Task) -> dict:
         outcome.update(n_slices=built.n_slices, rows=built.rows, columns=built.columns,
                        slice_spacing_mm=built.slice_spacing_mm,
                        effective_spacing_mm=built.effective_spacing_mm)
-    _WORKER["done"].write(_marker_key(task.index), json.dumps(outcome).encode()).result()
+    # The caller writes the done marker: it receives this outcome only now, after the
+    # chunk write completed, so a marker can never precede its chunk.
     return outcome
 
 
@@ -273,27 +281,39 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
     logging.info("%d series in the index; shard %d/%d has %d left to build (%d already done)",
                  len(series), shard_i, shard_n, len(tasks), len(done))
     options = options_from_config(config)
+    fsync = bool(config.get("fsync", True))
+    markers = _kvstore(out, BUILD_PREFIX, _context(fsync))
+    pending: list = []
     start = time.perf_counter()
     outcomes: list[dict] = []
     if tasks:
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), unit="series", disable=not progress, desc="volumes")
         if workers <= 0:
-            _init_worker(out, dicom_root, options)
+            _init_worker(out, dicom_root, options, fsync)
             results = map(_work, tasks)
             pool = None
         else:
             # spawn: TensorStore runs threads, and forking a threaded parent can deadlock.
             pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(out, dicom_root, options))
+                workers, initializer=_init_worker, initargs=(out, dicom_root, options, fsync))
             results = pool.imap_unordered(_work, tasks, chunksize=1)
         try:
             for outcome in results:
                 outcomes.append(outcome)
+                # Asynchronous: the next series is built while the marker is written.
+                pending.append(markers.write(_marker_key(outcome["index"]),
+                                             json.dumps(outcome, sort_keys=True).encode()))
+                if len(pending) >= 256:
+                    for fut in pending:
+                        fut.result()
+                    pending.clear()
                 if outcome["status"] != "included":
                     logging.warning("series %d (%s): %s: %s", outcome["index"],
                                     outcome["series_key"][:12], outcome["reason"], outcome["message"])
                 bar.update(1)
+            for fut in pending:
+                fut.result()
         finally:
             bar.close()
             if pool is not None:
