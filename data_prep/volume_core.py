@@ -5,7 +5,7 @@ rules can be tested on small hand-made series:
 
 1. every frame is decoded with pydicom and mapped to physical values with its own
    RescaleSlope/Intercept (classic files: per file; enhanced multi-frame: per frame
-   from the functional groups), then resized in-plane at once so a worker never
+   from the functional groups) and resized in-plane at once, so a worker never
    holds more than one full-resolution frame beside the already shrunk series;
 2. frames are ordered by their position along the slice normal
    n = row cosines × column cosines (never by InstanceNumber or file order) and the
@@ -255,9 +255,10 @@ def _group_value(frame_group, shared_group, sequence: str, keyword: str):
 
 
 def _rescale(pixels: np.ndarray, slope, intercept) -> np.ndarray:
+    """Stored values → physical values (in place when ``pixels`` is float32 already)."""
     slope = 1.0 if slope is None else float(slope)
     intercept = 0.0 if intercept is None else float(intercept)
-    out = pixels.astype(np.float32)
+    out = pixels.astype(np.float32, copy=False)
     if slope != 1.0:
         out *= np.float32(slope)
     if intercept != 0.0:
@@ -305,7 +306,7 @@ def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Fra
             intercept = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleIntercept")
             frames.append(Frame(_floats(ipp, 3, "ImagePositionPatient"),
                                 _floats(iop, 6, "ImageOrientationPatient"), rows, cols,
-                                resize(_rescale(pixels[k], slope, intercept))))
+                                _rescale(resize(pixels[k]), slope, intercept)))
         return frames
     if n_frames != 1:
         raise SeriesError("inconsistent_geometry",
@@ -315,12 +316,14 @@ def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Fra
     pixels = _decode(ds, what)
     if "ModalityLUTSequence" in ds:  # rare for CT/MR; pydicom applies the LUT exactly
         from pydicom.pixels import apply_modality_lut
-        physical = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+        physical = resize(np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32))
     else:
-        physical = _rescale(pixels, ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+        # The rescale is affine and the resize weights sum to one, so resizing the stored
+        # values first is exact and rescales out_rows × out_cols values instead of all.
+        physical = _rescale(resize(pixels), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
     return [Frame(_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
                   _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
-                  rows, cols, resize(physical))]
+                  rows, cols, physical)]
 
 
 # ----------------------------------------------------------------------------- series
