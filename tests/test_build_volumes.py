@@ -299,3 +299,65 @@ def test_kill_minus_9_then_rerun_gives_identical_dataset(tmp_path):
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["finalized"] and summary["series_this_run"] == 24 - done_at_kill
     assert_same(read_dataset(reference), read_dataset(out))
+
+
+# --------------------------------------------------------------- phantom acceptance
+
+
+@pytest.fixture(scope="module")
+def phantom_archive(tmp_path_factory):
+    phantoms = pytest.importorskip("data_prep.phantoms")
+    out = tmp_path_factory.mktemp("phantom_pacs")
+    phantoms.generate(str(out), patients=3, seed=0, lits_cases=0, workers=1)
+    return out
+
+
+def phantom_index(archive: Path, index_dir: Path) -> list[dict]:
+    """An index of the phantom's included series straight from truth.csv.
+
+    Independent of data_prep.index: a series is the files of its first file's folder
+    with the first file's SeriesInstanceUID (folders may hold two series).
+    """
+    truth = [r for r in csv.DictReader(open(archive / "truth.csv")) if r["status"] == "included"]
+    dicom = archive / "dicom"
+    series = []
+
+    def uid(path):
+        return pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
+
+    for r in truth:
+        first = dicom / r["first_file"]
+        paths = [str(p) for p in sorted(first.parent.iterdir()) if uid(p) == uid(first)]
+        series.append(dict(series_key=r["series_id"], paths=paths,
+                           sequence=r["sequence"], view=r["view"], contrast=r["contrast"],
+                           coverage=r["coverage"], split="train"))
+    synth.write_index(str(index_dir), str(dicom), series)
+    return truth
+
+
+def test_phantom_pacs_volumes_match_reference(phantom_archive, tmp_path):
+    from data_prep.phantoms import reference_volume
+
+    truth = phantom_index(phantom_archive, tmp_path / "index")
+    assert {r["view"] for r in truth} == set(labels.VIEW)
+    shape = (48, 32, 32)  # the paper's 48 slices, so truth's effective spacing applies
+    config = config_lib.get_config("size=32")
+    run = volume_builder.build(str(tmp_path / "index"), str(phantom_archive / "dicom"),
+                               str(tmp_path / "ds"), config, workers=0, progress=False)
+    assert run["finalized"]
+    data = read_dataset(tmp_path / "ds")
+    rows = list(csv.DictReader(data["manifest.csv"].splitlines()))
+    by_id = {r["series_id"]: r for r in truth}
+    for i, r in enumerate(rows):
+        t = by_id[r["series_key"]]
+        assert r["status"] == "included", (r["series_key"], r["reason"])
+        ref = reference_volume(str(phantom_archive), r["series_key"])
+        assert int(r["n_slices"]) == ref.shape[0] and (int(r["rows"]), int(r["columns"])) == ref.shape[1:]
+        assert float(r["slice_spacing_mm"]) == pytest.approx(float(t["slice_spacing_mm"]), abs=0.01)
+        expected = reference_uint8(ref, shape)
+        got = data["volume"][i].astype(int)
+        diff = np.abs(got - expected).max()
+        corr = np.corrcoef(got.ravel(), expected.ravel())[0, 1]
+        assert diff <= 2 or corr >= 0.99, (r["series_key"], diff, corr)
+        assert diff <= 2, (r["series_key"], diff)  # same interpolation: must agree closely
+        assert float(r["effective_spacing_mm"]) == pytest.approx(float(t["effective_spacing_mm"]), abs=0.01)
