@@ -166,6 +166,72 @@ def test_series_errors_carry_specific_reasons(tmp_path):
     assert err.value.reason == "decode_failed" and str(tmp_path) not in err.value.message
 
 
+def circle_outside(n: int, rows: int, cols: int) -> np.ndarray:
+    """bool [n, rows, cols]: outside the inscribed circle (a CT reconstruction circle)."""
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    r = (min(rows, cols) - 1) / 2
+    out = (yy - (rows - 1) / 2) ** 2 + (xx - (cols - 1) / 2) ** 2 > r * r
+    return np.broadcast_to(out, (n, rows, cols)).copy()
+
+
+def fill_padded(truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The standard's semantics, independently: padded pixels get the least real value."""
+    filled = truth.astype(np.float64).copy()
+    filled[mask] = filled[~mask].min()
+    return filled
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["classic", "enhanced"])
+def test_pixel_padding_compared_on_stored_values_and_filled_with_least_value(tmp_path, enhanced):
+    n, rows, cols, shape = 10, 24, 24, (8, 12, 12)
+    rng = np.random.default_rng(5)
+    grid = synth.sample_grid(n, rows, cols, (-180.0, -180.0, -20.0), synth.AXIAL, (15.0, 15.0), 4.0)
+    truth = synth.body_hu(grid)
+    # The trap: real pixels whose PHYSICAL value equals the padding value (stored -976
+    # with intercept -1024). Comparing after the rescale would call them padding.
+    truth[3:6, 10:14, 10:14] = -2000.0
+    mask = circle_outside(n, rows, cols)
+    slopes, intercepts = rng.choice([1.0, 2.0], n), np.full(n, -1024.0)
+    if enhanced:  # a range, given high-to-low (either order is valid)
+        kw = dict(padding=-1990, padding_limit=-2000, pad_stored=rng.integers(-2000, -1989, mask.shape))
+    else:
+        kw = dict(padding=-2000)
+    paths = synth.write_series(str(tmp_path), truth, grid[0, 0, 0], synth.AXIAL, (15.0, 15.0), 4.0,
+                               slopes=slopes, intercepts=intercepts, enhanced=enhanced,
+                               pad_mask=mask, rng=rng, **kw)
+    built = volume_core.build_volume(paths, opts(shape)).volume.astype(int)
+    expected = reference_uint8(fill_padded(truth, mask), shape)
+    assert np.abs(built - expected).max() <= 2
+    assert built[:, 0, 0].max() == 0  # padding as dark as the darkest real pixel
+    trap = mask.copy()
+    trap[3:6, 10:14, 10:14] = True  # what comparing physical values would do
+    assert np.abs(built - reference_uint8(fill_padded(truth, trap), shape)).max() > 30
+    # Without the padding rule the padded corners would be the darkest grey and squash
+    # the image's contrast: the reference with raw padding differs by far.
+    raw = truth.copy()
+    raw[mask] = (kw["padding"] * slopes[:, None, None] + intercepts[:, None, None]
+                 ).repeat(rows, 1).repeat(cols, 2)[mask]
+    assert np.abs(built - reference_uint8(raw, shape)).max() > 30
+
+
+def test_padding_attributes_follow_pixel_representation(tmp_path):
+    ds = pydicom.Dataset()
+    ds.BitsAllocated, ds.PixelRepresentation = 16, 1
+    assert volume_core.Padding.from_dataset(ds) is None
+    ds.PixelPaddingValue = 63536  # -2000 written with VR US: the bit pattern counts
+    assert volume_core.Padding.from_dataset(ds) == volume_core.Padding(-2000, -2000)
+    ds.PixelRepresentation, ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 0, 100, 0
+    pad = volume_core.Padding.from_dataset(ds)
+    assert pad == volume_core.Padding(0, 100)
+    np.testing.assert_array_equal(pad.mask(np.array([0, 50, 100, 101], np.uint16)),
+                                  [True, True, True, False])
+    # A series that is all padding is constant: zeros, never NaN.
+    paths, truth = synth.write_body_series(str(tmp_path), 4, 8, 8, padding=-2000,
+                                           pad_mask=np.ones((4, 8, 8), bool))
+    built = volume_core.build_volume(paths, opts((4, 8, 8)))
+    assert built.volume.dtype == np.uint8 and not built.volume.any()
+
+
 # ---------------------------------------------------------------------- the dataset
 
 
@@ -335,6 +401,24 @@ def phantom_index(archive: Path, index_dir: Path) -> list[dict]:
     return truth
 
 
+def padded_pixels(first_file: Path, physical: np.ndarray) -> np.ndarray:
+    """bool mask of a reference volume's padded pixels, by the standard's rule.
+
+    reference_volume gives physical values (GE padding -2000 → -3024 HU); padding is
+    defined on stored values, so the values are mapped back with the file's rescale
+    (the phantom's CT rescale is the same for every slice) and compared there.
+    """
+    ds = pydicom.dcmread(first_file, stop_before_pixels=True)
+    if "PixelPaddingValue" not in ds:
+        return np.zeros(physical.shape, bool)
+    stored = np.rint((physical.astype(np.float64) - float(ds.get("RescaleIntercept", 0)))
+                     / float(ds.get("RescaleSlope", 1)))
+    low = high = int(ds.PixelPaddingValue)
+    if "PixelPaddingRangeLimit" in ds:
+        low, high = sorted((low, int(ds.PixelPaddingRangeLimit)))
+    return (stored >= low) & (stored <= high)
+
+
 def test_phantom_pacs_volumes_match_reference(phantom_archive, tmp_path):
     from data_prep.phantoms import reference_volume
 
@@ -348,12 +432,17 @@ def test_phantom_pacs_volumes_match_reference(phantom_archive, tmp_path):
     data = read_dataset(tmp_path / "ds")
     rows = list(csv.DictReader(data["manifest.csv"].splitlines()))
     by_id = {r["series_id"]: r for r in truth}
+    padded_series = 0
     for i, r in enumerate(rows):
         t = by_id[r["series_key"]]
         assert r["status"] == "included", (r["series_key"], r["reason"])
         ref = reference_volume(str(phantom_archive), r["series_key"])
         assert int(r["n_slices"]) == ref.shape[0] and (int(r["rows"]), int(r["columns"])) == ref.shape[1:]
         assert float(r["slice_spacing_mm"]) == pytest.approx(float(t["slice_spacing_mm"]), abs=0.01)
+        padded = padded_pixels(phantom_archive / "dicom" / t["first_file"], ref)
+        if padded.any():
+            padded_series += 1
+            ref = fill_padded(ref, padded)
         expected = reference_uint8(ref, shape)
         got = data["volume"][i].astype(int)
         diff = np.abs(got - expected).max()
@@ -361,3 +450,4 @@ def test_phantom_pacs_volumes_match_reference(phantom_archive, tmp_path):
         assert diff <= 2 or corr >= 0.99, (r["series_key"], diff, corr)
         assert diff <= 2, (r["series_key"], diff)  # same interpolation: must agree closely
         assert float(r["effective_spacing_mm"]) == pytest.approx(float(t["effective_spacing_mm"]), abs=0.01)
+    assert padded_series > 0  # GE-style axial CT with padding outside the circle was built
