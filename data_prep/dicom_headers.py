@@ -382,10 +382,11 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
                 return record
             if not record["uid_key"]:
                 return {"status": "unreadable", "detail": "image without SeriesInstanceUID"}
+            # A file whose pixels are cut short keeps its header facts (so it is
+            # counted in its series) but is itself unreadable.
             problem = _check_pixel_data(fp, ds, file_size, n_frames)
             if problem:
                 record.update(status="unreadable", detail=problem)
-                return record
             record.update({
                 "series_description": _text(ds, "SeriesDescription"),
                 "study_description": _text(ds, "StudyDescription"),
