@@ -120,6 +120,7 @@ class HeaderCache:
         self.header = {"reader": dicom_headers.READER_VERSION, "salt": fingerprint}
         self.entries: dict[str, tuple[int, int, dict]] = {}
         self._fh = None
+        self.n_added = 0
         if os.path.exists(path):
             self._load()
 
@@ -159,6 +160,7 @@ class HeaderCache:
 
     def add(self, rel: str, size: int, mtime: int, record: dict) -> None:
         self.entries[rel] = (size, mtime, record)
+        self.n_added += 1
         self._fh.write(json.dumps({"p": rel, "s": size, "m": mtime, "r": record},
                                   separators=(",", ":")) + "\n")
 
@@ -712,10 +714,9 @@ def run_index(dicom_root: str, out: str, cfg, workers: int = 1, salt_file: str =
     collections_table = load_collections(collections_csv)
     paths = walk(dicom_root, skip=[out])
     cache = HeaderCache(os.path.join(out, "cache", "headers.jsonl"), salt_fingerprint(secret))
-    n_cached = len(cache.entries)
     records = read_all(dicom_root, paths, secret, cache, workers, cfg.chunksize,
                        cfg.cache_flush_s, progress)
-    parsed = len(cache.entries) - n_cached
+    parsed = cache.n_added
     series_rows, file_key, review_rows = build_series(records, secret, cfg, collections_table)
     assign_splits(series_rows, cfg)
     n_over = apply_overrides(series_rows, overrides_csv)
