@@ -152,7 +152,12 @@ class HeaderCache:
     def open_for_append(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         if getattr(self, "_valid", False):
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                cut = f.tell() > 0 and (f.seek(-1, os.SEEK_END) or f.read(1) != b"\n")
             self._fh = open(self.path, "a", encoding="utf-8")
+            if cut:  # a kill left half a line: end it so the next record stands alone
+                self._fh.write("\n")
         else:
             self._fh = open(self.path, "w", encoding="utf-8")
             self._fh.write(json.dumps(self.header) + "\n")
@@ -397,9 +402,12 @@ def build_series(records: dict[str, dict], secret: bytes, cfg,
     series_rows: list[dict] = []
     review_rows: list[dict] = []
     for (study_key, uid_key), rels in by_uid.items():
+        # A UID is unique by the standard, but careless anonymisers reuse one
+        # across studies: the study keeps such series apart.
+        base = f"{study_key}|{uid_key}"
         recs = [records[p] for p in rels]
         if all(r["status"] == "not_image" for r in recs):
-            key = dicom_headers.keyed_hash(secret, "series", uid_key)
+            key = dicom_headers.keyed_hash(secret, "series", base)
             for p in rels:
                 file_key[p] = key
             series_rows.append(_bare_row(key, recs, rels, "not_image"))
@@ -409,7 +417,7 @@ def build_series(records: dict[str, dict], secret: bytes, cfg,
             if records[p]["status"] == "not_image":  # an odd object inside an image series
                 file_key[p] = ""
         if all(records[p].get("frames") is None for p in image_rels):
-            key = dicom_headers.keyed_hash(secret, "series", uid_key)
+            key = dicom_headers.keyed_hash(secret, "series", base)
             for p in image_rels:
                 file_key[p] = key
             series_rows.append(_bare_row(key, [records[p] for p in image_rels], image_rels,
@@ -435,10 +443,10 @@ def build_series(records: dict[str, dict], secret: bytes, cfg,
                     groups.append((size, iop, ag))
         for size, iop, group in groups:
             if len(groups) == 1:
-                key = dicom_headers.keyed_hash(secret, "series", uid_key)
+                key = dicom_headers.keyed_hash(secret, "series", base)
             else:
                 acqs = ",".join(sorted({s.acq for s in group}))
-                desc = (f"{uid_key}|{';'.join(f'{v:.2f}' for v in iop) if iop else '-'}"
+                desc = (f"{base}|{';'.join(f'{v:.2f}' for v in iop) if iop else '-'}"
                         f"|{size}|{acqs if len(groups) > 1 else ''}")
                 key = dicom_headers.keyed_hash(secret, "series", desc)
             row, review = _series_row(key, study_key, group, size, iop, records, cfg,
