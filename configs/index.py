@@ -62,9 +62,16 @@ def get_config(arg=None):
     c.coverage_min_mm = ml_collections.ConfigDict(dict(
         brain=120.0, upper_head_neck=60.0, lower_head_neck=70.0, lung=220.0, breast=140.0,
         liver=140.0, kidney=100.0, intestine=250.0, pelvis=150.0))
-    c.coverage_level = ml_collections.ConfigDict(dict(
-        brain=0, upper_head_neck=1, lower_head_neck=2, lung=3, breast=3,
-        liver=4, kidney=4, intestine=4, pelvis=5))
+    # Where each region lies in a typical adult, mm below the vertex (top, bottom).
+    # Neighbouring regions overlap (the liver dome rises beside the lung bases, the
+    # intestine fills the pelvis), so several regions together need the span of
+    # their union, not the sum of their lengths. A smaller adult is allowed for by
+    # coverage_span_scale; a single region always needs its minimum length.
+    c.coverage_ref_z_mm = ml_collections.ConfigDict(dict(
+        brain=(5.0, 140.0), upper_head_neck=(100.0, 175.0), lower_head_neck=(175.0, 255.0),
+        lung=(245.0, 485.0), breast=(300.0, 450.0), liver=(440.0, 600.0),
+        kidney=(510.0, 630.0), intestine=(560.0, 830.0), pelvis=(710.0, 880.0)))
+    c.coverage_span_scale = 0.9
 
     # --- patient-level split ---
     c.split = ml_collections.ConfigDict(dict(train=0.8, val=0.1, test=0.1))

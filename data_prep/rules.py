@@ -54,8 +54,10 @@ COVERAGE_ABDOMEN_PELVIS_ADDS = "intestine"
 
 # Sources of coverage words, most specific first: the first source that names a
 # region decides; later sources only serve as a consistency check.
-COVERAGE_SOURCES = ("series_description", "protocol_name", "body_part",
-                    "study_description", "collection")
+# BodyPartExamined comes after the study description: it is one coarse defined
+# term (ABDOMEN for an abdomen-pelvis scan, CHEST for chest-abdomen-pelvis).
+COVERAGE_SOURCES = ("series_description", "protocol_name", "study_description",
+                    "body_part", "collection")
 
 # Image Type (0008,0008) values naming images whose appearance is not that of
 # a diagnostic T1/T2/FLAIR/CT volume. DERIVED alone is not one of them: a
@@ -416,8 +418,8 @@ def contrast_rule(facts: dict) -> Rule:
 
     The agent tag is often copied to every series of an exam, so explicit
     series-level words (pre, without, C+, post gad) win over it, with the
-    disagreement sent to review; the study description is used only when
-    nothing else speaks; otherwise no_contrast.
+    disagreement sent to review; otherwise no_contrast (the study description
+    covers the whole exam and is only noted).
     """
     rule = Rule()
     agent = (facts.get("agent") or "").strip().upper()
@@ -441,12 +443,12 @@ def contrast_rule(facts: dict) -> Rule:
     if tag:
         rule.value, rule.provenance = tag, f"contrast={tag}<-{why}"
         return rule
+    rule.value, rule.provenance = "no_contrast", "contrast=no_contrast<-default (no agent, no series words)"
+    # The study description names the whole exam (a W CONTRAST exam may hold
+    # a plain series too), so it never sets the label; a clash is worth a look.
     study_label, study_words = description_contrast(facts.get("study_description", ""))
-    if study_label:
-        rule.value = study_label
-        rule.provenance = f"contrast={study_label}<-study words({study_words})"
-        return rule
-    rule.value, rule.provenance = "no_contrast", "contrast=no_contrast<-default (no agent, no words)"
+    if study_label == "contrast":
+        rule.provenance += f"; study words({study_words}) say contrast"
     return rule
 
 
@@ -475,21 +477,19 @@ def regions_from_text(text: str) -> tuple[set[str], list[str]]:
 def required_extent_mm(regions: Iterable[str], cfg) -> float:
     """Craniocaudal length a scan needs to cover all ``regions`` entirely.
 
-    Regions on one level (liver and kidney; lung and breast) overlap, so a level
-    needs its longest region; levels between the named ones are crossed too.
+    One region: its minimum length. Several: the span of their union in the
+    reference adult (regions overlap along z; regions in between are crossed),
+    scaled down for a small adult, and never less than any one region's minimum.
     """
     regions = list(regions)
     if not regions:
         return 0.0
-    levels = [cfg.coverage_level[r] for r in regions]
-    total = 0.0
-    for level in range(min(levels), max(levels) + 1):
-        named = [cfg.coverage_min_mm[r] for r in regions if cfg.coverage_level[r] == level]
-        if not named:  # crossed, not named: its shortest region is the least it takes
-            named = [min(cfg.coverage_min_mm[r] for r in labels.COVERAGE
-                         if cfg.coverage_level[r] == level)]
-        total += max(named)
-    return total
+    own = max(cfg.coverage_min_mm[r] for r in regions)
+    if len(regions) == 1:
+        return own
+    top = min(cfg.coverage_ref_z_mm[r][0] for r in regions)
+    bottom = max(cfg.coverage_ref_z_mm[r][1] for r in regions)
+    return max(own, (bottom - top) * cfg.coverage_span_scale)
 
 
 def coverage_rule(facts: dict, z_extent_mm: float | None, cfg,

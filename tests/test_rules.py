@@ -166,7 +166,7 @@ def test_view_without_orientation(cfg):
     ({"series_description": "AX T1 C+"}, "contrast"),
     ({"series_description": "T1 post gad"}, "contrast"),
     ({"study_description": "CT HEAD WO CONTRAST"}, "no_contrast"),
-    ({"study_description": "CT CHEST WITH CONTRAST"}, "contrast"),
+    ({"study_description": "CT CHEST WITH CONTRAST"}, "no_contrast"),  # exam-level only
     ({"study_description": "MR BRAIN W/WO"}, "no_contrast"),       # both: says nothing
     ({"agent_seq": True}, "contrast"),
     ({"agent_administered": "NO"}, "no_contrast"),
@@ -197,16 +197,18 @@ def test_coverage_needs_the_extent(cfg):
 def test_coverage_chain_of_regions(cfg):
     ap = {"series_description": "ABDOMEN PELVIS"}
     need = rules.required_extent_mm(["liver", "kidney", "intestine", "pelvis"], cfg)
-    assert need == 250.0 + 150.0
+    assert need == pytest.approx((880 - 440) * cfg.coverage_span_scale)
     assert rules.coverage_rule(ap, 450.0, cfg).value == "liver;kidney;intestine;pelvis"
     partial = rules.coverage_rule(ap, 300.0, cfg)
     assert partial.value == "" and partial.review        # cannot tell which part
     # Abdomen and pelvis words apart also mean the intestine.
     assert rules.regions_from_text("ABD + PELVIS")[0] == {"liver", "kidney", "intestine", "pelvis"}
     # Brain + lung crosses the neck: the neck's length counts though it is not named.
-    assert rules.required_extent_mm(["brain", "lung"], cfg) == 120 + 60 + 70 + 220
-    # Breast lies beside the lung.
+    assert rules.required_extent_mm(["brain", "lung"], cfg) == pytest.approx(480 * 0.9)
+    # Breast lies beside the lung; liver and kidney overlap.
     assert rules.required_extent_mm(["lung", "breast"], cfg) == 220
+    assert rules.required_extent_mm(["liver", "kidney"], cfg) == pytest.approx(190 * 0.9)
+    assert rules.required_extent_mm(["lung"], cfg) == 220
 
 
 def test_coverage_source_priority_and_disagreement(cfg):
