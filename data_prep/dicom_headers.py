@@ -75,8 +75,32 @@ def keyed_hash(secret: bytes, domain: str, value: str, digest_size: int = 16) ->
     return h.hexdigest()
 
 
+_ASCII_VRS = frozenset({"DS", "IS", "CS", "UI", "DA", "TM", "AS"})
+_TAG_OF = {k: tag_for_keyword(k) for k in _KEYWORDS}
+
+
 def _get(ds, keyword: str):
-    """Element value or None; a value that fails to convert counts as absent."""
+    """Element value or None; a value that fails to convert counts as absent.
+
+    Numbers, codes and UIDs (ASCII by the standard) are taken straight from the
+    raw bytes: pydicom's general conversion costs more than the parse itself,
+    and the index reads a dozen such values per file.
+    """
+    tag = _TAG_OF.get(keyword)
+    if tag is not None:
+        try:
+            elem = ds.get_item(tag)
+        except Exception:  # noqa: BLE001
+            elem = None
+        if elem is None:
+            return None
+        raw = elem.value
+        vr = elem.VR
+        if isinstance(raw, bytes) and vr in _ASCII_VRS:
+            text = raw.decode("latin-1").strip(" \x00")
+            if vr in ("DS", "IS"):
+                return text if "\\" not in text else text.split("\\")
+            return text
     try:
         value = ds.get(keyword)
     except Exception:  # noqa: BLE001 -- malformed value: treat as missing, the run goes on
