@@ -31,7 +31,7 @@ from pydicom.uid import UID
 
 # Bump when the record layout or its meaning changes: cached records made by an
 # older reader are then parsed again.
-READER_VERSION = 3
+READER_VERSION = 4
 
 _KEYWORDS = (
     # identity (hashed, never stored in clear)
@@ -375,9 +375,11 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
         file_size = os.path.getsize(path)
         with open(path, "rb") as fp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid VR values are handled per value below
+            forced = False
             try:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=SPECIFIC_TAGS)
             except InvalidDicomError:
+                forced = True
                 # No preamble/"DICM": an old or raw dataset, or not DICOM at all.
                 # force=True parses anything, so accept only what really looks
                 # like a DICOM object.
@@ -391,6 +393,11 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
             meta = getattr(ds, "file_meta", None)
             if meta is not None:
                 media_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
+                group_len = meta.get("FileMetaInformationGroupLength")
+                # 128-byte preamble + "DICM" + the group-length element (12 bytes).
+                if not forced and group_len is not None and 144 + int(group_len) > file_size:
+                    return {"status": "unreadable",
+                            "detail": "truncated inside the File Meta Information"}
             sop_class = _text(ds, "SOPClassUID")
             is_image, sop_name = _is_image_sop(sop_class, media_class, ds)
             n_frames = _int(ds, "NumberOfFrames") or 1

@@ -375,14 +375,15 @@ def _fmt(x: float | None, digits: int = 6) -> str:
 
 
 def load_collections(path: str | None) -> dict[str, list[str]]:
-    """collections.csv: ``collection,regions`` (regions ';'-joined coverage names)."""
+    """collections.csv: ``collection,regions`` (or ``body_locations``): ;-joined coverage names."""
     if not path:
         return {}
     table = {}
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             name = (row.get("collection") or "").strip()
-            regions = [r.strip() for r in (row.get("regions") or "").split(";") if r.strip()]
+            cell = row.get("regions") or row.get("body_locations") or ""
+            regions = [r.strip() for r in cell.split(";") if r.strip()]
             for r in regions:
                 labels.to_index("coverage", r)  # a typo is an error naming the vocabulary
             if name:

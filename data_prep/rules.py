@@ -518,23 +518,18 @@ def coverage_rule(facts: dict, z_extent_mm: float | None, cfg,
     if z_extent_mm is None:
         rule.provenance = f"coverage unknown<-{source}({','.join(words)}) but no geometry"
         return rule
-    kept = [r for r in ordered if z_extent_mm + 1e-6 >= cfg.coverage_min_mm[r]]
-    need = required_extent_mm(kept, cfg)
+    # All or nothing: a scan too short for what its protocol names covers some
+    # part of it, and the header does not say which part.
+    need = required_extent_mm(ordered, cfg)
     what = f"{source}({','.join(words)}) extent {z_extent_mm:.0f}mm"
-    if kept and z_extent_mm + 1e-6 >= need:
-        rule.value = ";".join(kept)
-        dropped = [r for r in ordered if r not in kept]
+    if z_extent_mm + 1e-6 >= need:
+        rule.value = ";".join(ordered)
         rule.provenance = f"coverage={rule.value}<-{what}>={need:.0f}"
-        if dropped:
-            rule.provenance += f"; too short for {','.join(dropped)}"
         return rule
-    if kept:
-        rule.provenance = (f"coverage unknown<-{what} < {need:.0f}mm needed for "
-                           f"{','.join(kept)} together")
+    rule.provenance = f"coverage unknown<-{what} < {need:.0f}mm needed for {','.join(ordered)}"
+    if len(ordered) > 1 and z_extent_mm + 1e-6 >= min(cfg.coverage_min_mm[r] for r in ordered):
         rule.review.append(f"coverage: extent {z_extent_mm:.0f} mm cannot hold all of "
-                           f"{','.join(kept)} ({need:.0f} mm); which part is covered is unknown")
-    else:
-        rule.provenance = f"coverage none<-{what} shorter than any named region"
+                           f"{','.join(ordered)} ({need:.0f} mm); which part is covered is unknown")
     return rule
 
 

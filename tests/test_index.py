@@ -119,6 +119,7 @@ def bundled(tmp_path_factory):
     # A file cut inside its header, and a zero-length file.
     data = open(os.path.join(TEST_FILES, "CT_small.dcm"), "rb").read()
     (root / "cut_header").write_bytes(data[:700])
+    (root / "cut_meta").write_bytes(data[:172])     # cut inside the File Meta Information
     (root / "empty").write_bytes(b"")
     salt = tmp_path_factory.mktemp("salt") / "salt"
     salt.write_text("fedcba9876543210fedcba9876543210\n")
@@ -164,7 +165,7 @@ def test_bundled_not_image_and_unreadable(bundled):
     # A DICOMDIR belongs to no series.
     assert files["dicomdirtests/DICOMDIR"]["reason"] == "not_image"
     assert files["dicomdirtests/DICOMDIR"]["series_key"] == ""
-    for name in ("MR_truncated.dcm", "cut_header", "empty", "README.txt"):
+    for name in ("MR_truncated.dcm", "cut_header", "cut_meta", "empty", "README.txt"):
         assert files[name]["status"] == "excluded"
         assert files[name]["reason"] == "unreadable", name
     assert files["README.txt"]["series_key"] == ""
