@@ -33,9 +33,6 @@ import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 
-# Tolerances of the geometry re-check. Cosines are stored as decimal strings with a few
-# digits, so orientations of one series agree to ~1e-4; a real tilt differs by far more.
-ORIENTATION_TOLERANCE = 1e-3
 # Two frames closer than this along the normal are the same slice position (a repeated
 # acquisition or a time series), which cannot be ordered into one volume.
 DUPLICATE_POSITION_MM = 1e-3
@@ -61,6 +58,11 @@ class VolumeOptions:
     # Relative deviation of one slice gap from the median gap that counts as a
     # missing or misplaced slice (re-check of the index's spacing).
     max_spacing_deviation: float = 0.25
+    # Largest angle (degrees) between the row (or column) cosines of two slices of one
+    # series; the index groups slices into series with the same angle, so the re-check
+    # never rejects a series the index formed (at 1° and 200 mm from the centre the
+    # stacked planes are off by 3.5 mm, under two output voxels of a 400 mm field).
+    max_orientation_deviation_deg: float = 1.0
     antialias: bool = False  # in-plane triangle filter when shrinking (paper: off)
     normalise: str = "minmax"  # minmax | percentile | window
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -468,15 +470,30 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return n / norm
 
 
-def order_frames(frames: list[Frame]) -> tuple[list[Frame], np.ndarray]:
+def _unit_cosines(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o = np.asarray(orientation, dtype=np.float64)
+    r, c = o[:3], o[3:]
+    return r / (np.linalg.norm(r) or 1.0), c / (np.linalg.norm(c) or 1.0)
+
+
+def same_orientation(a: np.ndarray, b: np.ndarray, max_deg: float) -> bool:
+    """Row cosines and column cosines of ``a`` and ``b`` each within ``max_deg`` degrees."""
+    (ra, ca), (rb, cb) = _unit_cosines(a), _unit_cosines(b)
+    cos_tol = np.cos(np.radians(max_deg))
+    return bool(ra @ rb >= cos_tol and ca @ cb >= cos_tol)
+
+
+def order_frames(frames: list[Frame], max_orientation_deg: float = 1.0
+                 ) -> tuple[list[Frame], np.ndarray]:
     """Frames sorted ascending along the slice normal, and their positions along it (mm)."""
     first = frames[0]
     for f in frames[1:]:
         if (f.rows, f.columns) != (first.rows, first.columns):
             raise SeriesError("inconsistent_geometry",
                               f"image sizes differ: {first.rows}x{first.columns} and {f.rows}x{f.columns}")
-        if np.max(np.abs(f.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
-            raise SeriesError("inconsistent_geometry", "slice orientations differ within the series")
+        if not same_orientation(f.orientation, first.orientation, max_orientation_deg):
+            raise SeriesError("inconsistent_geometry", "slice orientations differ within the series "
+                              f"(by more than {max_orientation_deg}°)")
     normal = slice_normal(first.orientation)
     positions = np.array([f.position @ normal for f in frames])
     order = np.argsort(positions, kind="stable")
@@ -486,6 +503,27 @@ def order_frames(frames: list[Frame]) -> tuple[list[Frame], np.ndarray]:
         raise SeriesError("inconsistent_geometry",
                           f"{dup} slice(s) share a position along the normal (repeated acquisition?)")
     return [frames[i] for i in order], positions
+
+
+def frames_of_series(frames: list[Frame], orientation: Sequence[float] | None,
+                     max_deg: float, what: str) -> list[Frame]:
+    """The frames of a multi-frame file that belong to the series of ``orientation``.
+
+    An enhanced multi-frame file can hold several stacks (e.g. axial and coronal); the
+    index splits them into one series each by orientation. Only when a file's frames
+    have several orientations are the others dropped; a file of one orientation is
+    kept whole (a wrong orientation is then the re-check's business).
+    """
+    if orientation is None or len(frames) < 2:
+        return frames
+    if all(same_orientation(f.orientation, frames[0].orientation, max_deg) for f in frames[1:]):
+        return frames
+    target = np.asarray(orientation, dtype=np.float64)
+    kept = [f for f in frames if same_orientation(f.orientation, target, max_deg)]
+    if not kept:
+        raise SeriesError("inconsistent_geometry",
+                          f"{what}: none of its {len(frames)} frames has the series' orientation")
+    return kept
 
 
 def check_spacing(positions_mm: np.ndarray, max_deviation: float) -> float:
@@ -501,11 +539,14 @@ def check_spacing(positions_mm: np.ndarray, max_deviation: float) -> float:
 
 
 def build_volume(paths: Iterable[str], options: VolumeOptions,
-                 names: Sequence[str] | None = None) -> BuiltVolume:
+                 names: Sequence[str] | None = None,
+                 orientation: Sequence[float] | None = None) -> BuiltVolume:
     """DICOM files of one series (any order) → :class:`BuiltVolume`.
 
     ``names`` label the files in error messages (default: "file k"); never pass paths
-    that could carry patient names into outputs. Raises :class:`SeriesError`.
+    that could carry patient names into outputs. ``orientation``: the series' six
+    cosines from the index, which pick the series' frames out of a multi-frame file
+    holding several stacks. Raises :class:`SeriesError`.
     """
     num_slices, out_rows, out_cols = options.volume_shape
     resize = PlaneResizer(out_rows, out_cols, options.antialias)
@@ -515,8 +556,9 @@ def build_volume(paths: Iterable[str], options: VolumeOptions,
         raise SeriesError("decode_failed", "the series has no files")
     for k, path in enumerate(paths):
         what = names[k] if names is not None else f"file {k + 1} of {len(paths)}"
-        frames.extend(read_frames(path, resize, what))
-    frames, positions = order_frames(frames)
+        frames.extend(frames_of_series(read_frames(path, resize, what), orientation,
+                                       options.max_orientation_deviation_deg, what))
+    frames, positions = order_frames(frames, options.max_orientation_deviation_deg)
     fill_padding(frames)
     n, rows, columns = len(frames), frames[0].rows, frames[0].columns
     info = {"n_slices": n, "rows": rows, "columns": columns}

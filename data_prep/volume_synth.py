@@ -204,6 +204,34 @@ def write_series(out_dir: str, values: np.ndarray, origin_mm: Sequence[float],
     return paths
 
 
+def merge_enhanced(paths: Sequence[str], out_path: str) -> str:
+    """Several enhanced multi-frame files (same size) → one file holding all their stacks.
+
+    The orientation moves from the shared to the per-frame functional groups (stacks
+    differ in it), as in a multi-stack enhanced MR or CT object.
+    """
+    import copy
+
+    parts = [pydicom.dcmread(p) for p in paths]
+    merged = parts[0]
+    groups, pixels = [], b""
+    for ds in parts:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        orientation = shared.get("PlaneOrientationSequence")
+        for group in ds.PerFrameFunctionalGroupsSequence:
+            if orientation is not None:
+                group.PlaneOrientationSequence = copy.deepcopy(orientation)
+            groups.append(group)
+        pixels += ds.PixelData
+    if "PlaneOrientationSequence" in merged.SharedFunctionalGroupsSequence[0]:
+        del merged.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    merged.PerFrameFunctionalGroupsSequence = DicomSequence(groups)
+    merged.NumberOfFrames = len(groups)
+    merged.PixelData = pixels
+    merged.save_as(out_path, enforce_file_format=True)
+    return out_path
+
+
 def write_body_series(out_dir: str, n_slices: int, rows: int, cols: int, *,
                       orientation: Sequence[float] = AXIAL, slice_spacing_mm: float = 5.0,
                       noise_hu: float = 0.0, rng: np.random.Generator | None = None,

@@ -166,6 +166,43 @@ def test_series_errors_carry_specific_reasons(tmp_path):
     assert err.value.reason == "decode_failed" and str(tmp_path) not in err.value.message
 
 
+def test_multi_stack_file_gives_the_series_its_own_frames(tmp_path):
+    rng = np.random.default_rng(2)
+    axial, _ = synth.write_body_series(str(tmp_path / "a"), 9, 16, 16, orientation=synth.AXIAL,
+                                       enhanced=True, rng=rng)
+    coronal, truth = synth.write_body_series(str(tmp_path / "c"), 7, 16, 16, enhanced=True,
+                                             orientation=synth.CORONAL, rng=rng)
+    both = synth.merge_enhanced(axial + coronal, str(tmp_path / "both"))
+    built = volume_core.build_volume([both], opts((8, 16, 16)), orientation=synth.CORONAL)
+    assert built.n_slices == 7
+    assert np.abs(built.volume.astype(int) - reference_uint8(truth, (8, 16, 16))).max() <= 2
+    with pytest.raises(volume_core.SeriesError, match="orientations differ"):
+        volume_core.build_volume([both], opts((8, 16, 16)))  # without the index's orientation
+    with pytest.raises(volume_core.SeriesError, match="none of its 16 frames"):
+        volume_core.build_volume([both], opts((8, 16, 16)), orientation=synth.SAGITTAL)
+    # Through the dataset builder, with the index's current output for such a file:
+    # listed once in files.csv (under the coronal series), the axial series without files.
+    synth.write_index(str(tmp_path / "index"), str(tmp_path), [
+        dict(series_key="a" * 32, paths=[], orientation="1;0;0;0;1;0"),
+        dict(series_key="c" * 32, paths=[both], orientation=";".join(map(str, synth.CORONAL)))])
+    run = volume_builder.build(str(tmp_path / "index"), str(tmp_path), str(tmp_path / "ds"),
+                               tiny_config(), progress=False)
+    errors = (tmp_path / "ds" / "errors.csv").read_text()
+    assert run["dataset"]["built"] == 1 and "files.csv lists no included file" in errors
+
+
+def test_orientation_recheck_uses_the_index_angle():
+    def frame(deg, z):
+        t = np.radians(deg)  # row cosines tilted in the x–z plane
+        return volume_core.Frame(np.array([0.0, 0.0, z]), np.array([np.cos(t), 0, np.sin(t), 0, 1, 0]),
+                                 4, 4, np.zeros((2, 2), np.float32))
+    frames = [frame(0.0, 0.0), frame(0.6, 2.0), frame(0.0, 1.0)]
+    ordered, positions = volume_core.order_frames(frames, 1.0)
+    np.testing.assert_allclose(positions, [0.0, 1.0, 2.0], atol=0.05)
+    with pytest.raises(volume_core.SeriesError, match="orientations differ"):
+        volume_core.order_frames(frames + [frame(1.5, 3.0)], 1.0)
+
+
 def circle_outside(n: int, rows: int, cols: int) -> np.ndarray:
     """bool [n, rows, cols]: outside the inscribed circle (a CT reconstruction circle)."""
     yy, xx = np.mgrid[0:rows, 0:cols]
