@@ -90,6 +90,28 @@ def init_random(module, x, seed, **kwargs):
     return randomise(variables, seed)
 
 
+def he_variables(module, x, seed):
+    """Variables of the module's shapes with He-scaled random kernels, unit norm
+    scales, zero biases and fresh statistics (mean 0, var 1).
+
+    Used instead of a jitted ``module.init`` because compiling every
+    initialiser costs far more CPU than the test itself (≈15 s for ResNet50).
+    """
+    shapes = jax.eval_shape(lambda k: module.init(k, x, train=False), key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['kernel']"):
+            fan_in = math.prod(leaf.shape[:-1])
+            return jnp.asarray(rng.normal(0, math.sqrt(2 / fan_in), leaf.shape), jnp.float32)
+        if name.endswith("['scale']") or name.endswith("['var']"):
+            return jnp.ones(leaf.shape, jnp.float32)
+        return jnp.zeros(leaf.shape, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 # ---------------------------------------------------------------- conv conventions
 
 
@@ -199,7 +221,7 @@ def test_eval_is_per_sample_and_train_couples_the_batch():
     a = rng.normal(size=(2, 16, 32, 32, 1)).astype(np.float32)
     b = a.copy()
     b[1] = rng.normal(size=b.shape[1:])  # same first volume, different second
-    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(key(9), a)
+    variables = he_variables(model, a, seed=9)
     run = jax.jit(_sample0, static_argnums=(0, 3))
     eval_a, eval_b = run(model, variables, a, False), run(model, variables, b, False)
     for head in eval_a:
@@ -216,7 +238,7 @@ def test_frozen_stages_keep_inference_batch_norm_inside_a_training_vnet():
     kwargs = dict(depth=10, width=4, decoder_width=4, num_classes=2)
     frozen = models.get("vnet")(frozen_stages=models.STAGES, **kwargs)
     partly = models.get("vnet")(frozen_stages=("stem", "block1"), **kwargs)
-    variables = jax.jit(lambda k, x: frozen.init(k, x, train=False))(key(11), x)
+    variables = he_variables(frozen, x, seed=11)
 
     def train_stats(model):
         return jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1])(
@@ -246,6 +268,34 @@ def test_frozen_stages_keep_inference_batch_norm_inside_a_training_vnet():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_pretrained_encoder_drops_into_vnet_by_name():
+    """The classifier's encoder variables, placed under the VNet's ``encoder``,
+    give the VNet exactly the encoder features the classifier computes."""
+    x = np.random.default_rng(1).normal(size=(2, 16, 32, 32, 1)).astype(np.float32)
+    common = dict(depth=10, width=4)
+    classifier = models.get("radnet")(hidden=8, **common)
+    segmenter = models.get("vnet")(num_classes=2, decoder_width=4, **common)
+    pretrained = randomise(he_variables(classifier, x, seed=2), seed=2)
+    fresh = he_variables(segmenter, x, seed=3)
+    merged = {c: {**fresh[c], "encoder": pretrained[c]["encoder"]} for c in fresh}
+
+    @jax.jit
+    def encoder_features(variables, x):
+        _, state = segmenter.apply(variables, x, train=False, capture_intermediates=True,
+                                   mutable=["intermediates"])
+        return state["intermediates"]["encoder"]["__call__"][0]
+
+    standalone = models.get("resnet")(**common)
+    expected = jax.jit(lambda v, x: standalone.apply(v, x, train=False))(
+        {c: pretrained[c]["encoder"] for c in pretrained}, x)
+    got = encoder_features(merged, x)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    for stage in models.STAGES:
+        np.testing.assert_allclose(got[1][stage], expected[1][stage], rtol=1e-5, atol=1e-6)
+    before = encoder_features(fresh, x)
+    assert not np.allclose(before[1]["block4"], got[1]["block4"])
+
+
 # ---------------------------------------------------------------- gradients
 
 
@@ -253,14 +303,14 @@ def test_frozen_stages_keep_inference_batch_norm_inside_a_training_vnet():
 # both variants, both norms, the heads and the decoder.
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("radnet", dict(depth=50, variant="radnet", norm="batch", hidden=8), (2, 16, 32, 32, 1)),
-    ("vnet", dict(depth=18, variant="medicalnet", dilated=True, norm="group", decoder_width=4,
+    ("vnet", dict(depth=10, variant="medicalnet", dilated=True, norm="group", decoder_width=4,
                   num_classes=2), (1, 8, 16, 16, 1)),
 ])
 def test_gradients_reach_every_parameter(name, kwargs, shape):
     model = models.get(name)(width=4, **kwargs)
     rng = np.random.default_rng(12)
     x = rng.normal(size=shape).astype(np.float32)
-    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(key(13), x)
+    variables = he_variables(model, x, seed=13)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
 
