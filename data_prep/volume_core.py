@@ -351,7 +351,8 @@ def _physical(stored: np.ndarray, resize: "PlaneResizer", slope, intercept,
     replaces the rescale (rare for CT/MR; pydicom applies the LUT exactly).
     """
     if padding is not None and stored.dtype.kind in "iu":
-        return _physical_padded(stored, padding.mask(stored), resize, slope, intercept, lut_ds)
+        return _physical_padded(stored, padding.mask(stored), resize, slope, intercept, lut_ds,
+                                padding.low if padding.low == padding.high else None)
     if lut_ds is not None:
         from pydicom.pixels import apply_modality_lut
         physical = resize(np.asarray(apply_modality_lut(stored, lut_ds), dtype=np.float32))
@@ -362,7 +363,7 @@ def _physical(stored: np.ndarray, resize: "PlaneResizer", slope, intercept,
     return physical, None, float(physical.min())
 
 
-def _physical_padded(stored, mask, resize, slope, intercept, lut_ds):
+def _physical_padded(stored, mask, resize, slope, intercept, lut_ds, pad_value=None):
     """As :func:`_physical` for a file that declares padding; ``mask``: its padded pixels."""
     keep = ~mask
     padded = not keep.all()
@@ -378,15 +379,22 @@ def _physical_padded(stored, mask, resize, slope, intercept, lut_ds):
     b = 0.0 if intercept is None else float(intercept)
     info = np.iinfo(stored.dtype)
     # The least physical value is the least stored one for slope > 0 (the usual case).
+    # (np.where + min is several times faster than a masked reduction, min(where=…).)
     if s >= 0:
-        least_stored = float(np.min(stored, where=keep, initial=info.max))
+        least_stored = float(np.where(mask, info.max, stored).min())
     else:
-        least_stored = float(np.max(stored, where=keep, initial=info.min))
+        least_stored = float(np.where(mask, info.min, stored).max())
     if not padded:
         return _rescale(resize(stored), s, b), None, s * least_stored + b
     # Padded pixels count as 0: resize(stored with padding → 0) · slope + intercept ·
-    # (1 − fraction) is the resized physical frame without them, exactly.
-    physical = resize(np.where(mask, stored.dtype.type(0), stored))
+    # (1 − fraction) is the resized physical frame without them, exactly. With one
+    # padding value (the usual case) that is resize(stored) − value · fraction, which
+    # spares a full-resolution pass.
+    if pad_value is not None:
+        physical = resize(stored)
+        physical -= np.float32(pad_value) * fraction
+    else:
+        physical = resize(np.where(mask, stored.dtype.type(0), stored))
     physical *= np.float32(s)
     if b:
         physical += np.float32(b) * (np.float32(1.0) - fraction)
