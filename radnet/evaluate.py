@@ -286,7 +286,9 @@ def plot_spacing(outputs, targets, heads, path: str) -> None:
     ax.scatter(true[keep], pred[keep], s=12, alpha=0.6, edgecolors="none")
     if keep.any():
         lo = float(min(true[keep].min(), pred[keep].min(), 0.0))
-        hi = float(max(true[keep].max(), pred[keep].max())) * 1.05 + 1e-6
+        hi = float(max(true[keep].max(), pred[keep].max()))
+        margin = 0.04 * (hi - lo) + 1e-6  # keep edge points off the frame
+        lo, hi = lo - margin, hi + margin
     else:
         lo, hi = 0.0, 1.0
     ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--", label="predicted = true")
