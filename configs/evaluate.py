@@ -23,7 +23,8 @@ def get_config(arg=None):
     config.dataset = arg.dataset
     config.split = arg.split            # train / val / test
     config.out = arg.out                # output folder; empty → the checkpoint workdir
-    config.batch_size = 8               # per process; rounded up to the local device count
+    config.batch_size = 8               # GLOBAL, as in training; per process rounded up to a
+                                        # multiple of its devices (padding is masked)
     # A coverage region is predicted present at sigmoid probability ≥ this (paper: 0.5).
     config.coverage_threshold = 0.5
     if arg.tiny:

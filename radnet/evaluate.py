@@ -355,19 +355,24 @@ def write_report(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.nda
 # --------------------------------------------------------------------------- the task
 
 
-def _local_batch_size(requested: int, local_devices: int) -> int:
-    """The per-process batch, rounded up to a multiple of the local devices so the data
-    axis divides it evenly (padding rows are masked, so the counts do not change)."""
-    size = -(-max(1, requested) // local_devices) * local_devices
-    if size != requested:
-        logging.warning("batch_size %d rounded up to %d (a multiple of the %d local devices)",
-                        requested, size, local_devices)
+def _local_batch_size(global_batch: int, process_count: int, local_devices: int) -> int:
+    """The per-process share of the global batch, rounded up to a multiple of the local
+    devices so the data axis divides it evenly (padding rows are masked, so the counts do
+    not change)."""
+    share = -(-max(1, global_batch) // process_count)
+    size = -(-share // local_devices) * local_devices
+    if size * process_count != global_batch:
+        logging.warning("global batch_size %d → %d per process × %d processes (a multiple of "
+                        "the %d local devices)", global_batch, size, process_count,
+                        local_devices)
     return size
 
 
 def predict(model_config, variables, dataset: str, split: str, batch_size: int,
             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Streams ``split`` through the model; returns (outputs, targets) of every real row.
+
+    ``batch_size`` is global (all processes together), as in training.
 
     Each process reads its slice of every global batch with the Grain evaluation pipeline;
     the batch is laid out over a 1-D ``data`` mesh of all devices, the step runs jitted on
@@ -396,7 +401,7 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
     step = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
                    out_shardings=data_sharding)
 
-    local_batch = _local_batch_size(batch_size, jax.local_device_count())
+    local_batch = _local_batch_size(batch_size, jax.process_count(), jax.local_device_count())
     keys = (*labels.CLASS_HEADS, *labels.MULTILABEL_HEADS, labels.SLICE_SPACING_TARGET,
             "index", "mask")
     acc = metrics.Accumulator()
