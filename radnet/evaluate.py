@@ -380,12 +380,11 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
     dropped, and the dataset row indices are checked to be unique.
     """
     import jax
-    import jax.numpy as jnp
     from jax.experimental import multihost_utils
     from tqdm import tqdm
 
     from radnet import models
-    from radnet.data import pipeline
+    from radnet.data import augment, pipeline
 
     model = models.get(model_config.model_name)(**model_config.model)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -394,9 +393,9 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
     variables = jax.device_put(variables, replicated)
 
     def eval_step(variables, volume):
-        # uint8 crosses the host→device link (4× less than float32); scale on device.
-        x = volume.astype(jnp.float32)[..., None] / 255.0  # [B, D, H, W, 1]
-        return model.apply(variables, x, train=False)
+        # uint8 crosses the host→device link (4× less than float32); the scaling to
+        # [0, 1] is training's own (radnet.data.augment.to_unit_float), done on device.
+        return model.apply(variables, augment.to_unit_float(volume), train=False)
 
     step = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
                    out_shardings=data_sharding)

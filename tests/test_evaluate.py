@@ -149,7 +149,6 @@ def test_evaluate_end_to_end(pretrained, tmp_path):
     import subprocess
     import sys
 
-    import jax
     from radnet import models
     from radnet.train import checkpoint
 
@@ -186,6 +185,7 @@ def test_evaluate_end_to_end(pretrained, tmp_path):
     model = models.get(config.model_name)(**config.model)
     volume = schema.open_arrays(str(dataset), names=("volume",))["volume"][test_rows].read().result()
     direct = model.apply(variables, volume.astype(np.float32)[..., None] / 255.0, train=False)
+    assert np.isfinite(np.asarray(direct["sequence"])).all()
     for head in labels.HEADS:
         np.testing.assert_allclose(saved[f"output_{head}"], np.asarray(direct[head]),
                                    rtol=1e-4, atol=1e-4, err_msg=head)
