@@ -74,6 +74,10 @@ def build_report(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.nda
     }
 
 
+_METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "recall": "recall",
+                 "precision": "precision", "exact_match": "exact match"}
+
+
 def _pct(value) -> str:
     return "—" if value is None else f"{100.0 * value:.1f}%"
 
@@ -106,8 +110,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"| {shown} | {row['samples']} | {_pct(row['accuracy'])} | "
                          f"{_pct(row['auc'])} | {_pct(row['recall'])} | "
                          f"{_pct(row['precision'])} |")
-            for metric, reason in row["undefined"].items():
-                notes.append(f"{section} / {shown}: {metric} undefined — {reason}.")
+            if row["undefined"]:
+                notes.append(f"{section} / {shown}: " + "; ".join(
+                    f"{_METRIC_NAMES.get(m, m)} — {r}" for m, r in row["undefined"].items())
+                    + ".")
         total = h["exact_match"] if head in labels.MULTILABEL_HEADS else h["accuracy"]
         lines.append(f"| <u>Total</u> | <u>{h['samples']}</u> | {_pct(total)} | | | |")
         for metric, reason in h["undefined"].items():
@@ -138,7 +144,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if s["unknown"]:
             lines.append(f"\n{s['unknown']} samples with an unknown spacing are left out.")
     if notes:
-        lines += ["", "## Undefined entries", ""] + [f"- {n}" for n in notes]
+        lines += ["", "## Undefined entries (—)", ""] + [f"- {n}" for n in notes]
     plots = meta.get("plots")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -430,6 +436,17 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
             {k: v[order] for k, v in targets.items()})
 
 
+def _latest_step(checkpoint: str) -> int | str:
+    """The step load_for_inference takes by default (Orbax names step folders by number),
+    for the report; "latest" when the folder layout says otherwise."""
+    try:
+        steps = [int(d) for d in os.listdir(os.path.join(checkpoint, "checkpoints"))
+                 if d.isdigit()]
+    except OSError:
+        steps = []
+    return max(steps) if steps else "latest"
+
+
 def run(config, workdir: str) -> int:
     """Task ``evaluate``: Table 1 and plots for the checkpoint in ``config.checkpoint``."""
     import jax
@@ -453,7 +470,7 @@ def run(config, workdir: str) -> int:
     out_dir = config.out or checkpoint
     meta = {
         "checkpoint": os.path.abspath(checkpoint),
-        "step": "latest" if step is None else step,
+        "step": _latest_step(checkpoint) if step is None else step,
         "dataset": config.dataset,
         "split": config.split,
         "model_name": model_config.model_name,

@@ -66,7 +66,7 @@ def test_report_from_arrays(tmp_path):
     ct = heads["sequence"]["classes"]["CT"]
     assert (f"| CT | {ct['samples']} | {100 * ct['accuracy']:.1f}% | {100 * ct['auc']:.1f}% | "
             f"{100 * ct['recall']:.1f}% | {100 * ct['precision']:.1f}% |") in md
-    assert "| T2-FLAIR | 0 | " in md and "T2-FLAIR: auc undefined — no positive samples" in md
+    assert "| T2-FLAIR | 0 | " in md and "T2-FLAIR: AUC — no positive samples" in md
     assert "| Upper Head-Neck |" in md and "| No Contrast |" in md
     total = heads["coverage"]["exact_match"]
     assert f"| <u>Total</u> | <u>37</u> | {100 * total:.1f}% |" in md
