@@ -414,16 +414,26 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
     show = jax.process_index() == 0
+
+    def gather(pending):
+        out_host, labels_host = multihost_utils.process_allgather(pending, tiled=True)
+        acc.add(out_host, labels_host)
+
+    pending = None
     for batch in tqdm(batches, desc=f"evaluate {split}", unit="batch", disable=not show):
         volume = jax.make_array_from_process_local_data(data_sharding, batch["volume"])
-        out = step(variables, volume)
+        out = step(variables, volume)  # dispatched asynchronously
         # Labels travel the same way as the volumes, so gathered rows line up with outputs.
         labels_global = {k: jax.make_array_from_process_local_data(data_sharding,
                                                                    np.asarray(batch[k]))
                          for k in keys}
-        out_host, labels_host = multihost_utils.process_allgather((out, labels_global),
-                                                                  tiled=True)
-        acc.add(out_host, labels_host)
+        # Fetch the previous batch while this one computes, so the device never waits
+        # on the host copy.
+        if pending is not None:
+            gather(pending)
+        pending = (out, labels_global)
+    if pending is not None:
+        gather(pending)
     outputs, targets = acc.arrays()
     if not outputs:
         raise ValueError(f"split {split!r} of {dataset} has no rows to evaluate")
