@@ -284,3 +284,13 @@ def test_stage_strides_match_encoder():
     assert models.total_stride("radnet") == (16, 32, 32)
     assert models.total_stride("medicalnet") == (32, 32, 32)
     assert models.total_stride("medicalnet", True) == (8, 8, 8)
+
+
+def test_input_smaller_than_the_total_stride_is_a_clear_error():
+    import jax
+    import jax.numpy as jnp
+    from radnet import models
+    model = models.get("radnet")(depth=10, width=4, hidden=8)
+    x = jnp.zeros((1, 8, 16, 16, 1), jnp.float32)
+    with pytest.raises(ValueError, match="too small for this encoder"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
