@@ -41,7 +41,11 @@ def _all_files(out):
 
 
 def _read_series(out):
-    """{SeriesInstanceUID: [datasets]} of every readable file, plus unreadable paths."""
+    """{(SeriesInstanceUID, orientation): [datasets]} of every readable file, plus unreadable paths.
+
+    A UID whose files have several orientations (tri-plane localizer) is one series per
+    orientation, as the truth has one row per orientation.
+    """
     series = collections.defaultdict(list)
     unreadable = []
     for rel in _all_files(out):
@@ -55,7 +59,8 @@ def _read_series(out):
             unreadable.append(rel)
             continue
         ds.rel_path = rel
-        series[ds.SeriesInstanceUID].append(ds)
+        iop = tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient", []) or [])
+        series[(ds.SeriesInstanceUID, iop)].append(ds)
     return series, unreadable
 
 
@@ -177,21 +182,35 @@ def test_truth_agrees_with_headers(archive, headers):
                                 ds.get("BodyPartExamined"))
         cov = [c for c in r["coverage"].split(";") if c]
         assert set(cov) <= set(named), (r["series_id"], cov, named)
-        # superior–inferior extent from the headers' corners covers each region's length
+        # superior–inferior extent of the voxel box (centres ± half a voxel) from the
+        # headers' corners covers each region's length
         zs = []
+        n = _normal(ds)[2]
+        proj = sorted({round(float(np.array([float(v) for v in d.ImagePositionPatient]) @ n), 3)
+                       for d in dss})
+        half = float(np.median(np.diff(proj))) / 2 if len(proj) > 1 else 0.0
         for d in dss:
             ipp = np.array([float(v) for v in d.ImagePositionPatient])
             rc, cc, _ = _normal(d)
             dr, dc = (float(v) for v in d.PixelSpacing)
-            for a in (0, d.Columns - 1):
-                for b in (0, d.Rows - 1):
-                    zs.append((ipp + a * dc * rc + b * dr * cc)[2])
+            for a in (-0.5, d.Columns - 0.5):
+                for b in (-0.5, d.Rows - 0.5):
+                    for e in (-half, half):
+                        zs.append((ipp + a * dc * rc + b * dr * cc + e * n)[2])
         extent = max(zs) - min(zs)
         for c in cov:
             lo, hi = anat_regions[c]
             assert extent >= A.MIN_REGION_LENGTH_MM[c]
         if r["status"] == "included" and r["coverage"]:
             assert set(cov) == set(named), "included full scans cover all the regions they name"
+        # the view is the dominant axis of the normal; beyond 20° it is also non-standard
+        rc, cc, n = _normal(ds)
+        assert r["view"] == ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(n)))]
+        tilt = math.degrees(math.acos(min(1.0, float(np.max(np.abs(n))))))
+        assert ("non_standard_view" in r["reasons"]) == (tilt > 20), (r["series_id"], tilt)
+        localizer = "LOCALIZER" in list(ds.ImageType)
+        if localizer:
+            assert "excluded_sequence" in r["reasons"], r["series_id"]
         if "time_series" in r["reasons"]:
             assert int(ds.NumberOfTemporalPositions) > 1
         assert ("too_few_slices" in r["reasons"]) == (
@@ -205,7 +224,10 @@ def test_reference_volume_matches_files(archive, headers):
     picked = {}
     for r in rows:   # one of each sequence and view
         picked.setdefault((r["sequence"], r["view"]), r)
-    for r in picked.values():
+    # one orientation of a tri-plane localizer is a series (and a truth row) of its own
+    parts = [r for r in _truth(archive) if r["series_id"].endswith(("_coronal", "_sagittal"))]
+    assert parts and all(len(by_first[r["first_file"]]) == 1 for r in parts)
+    for r in list(picked.values()) + parts[:2]:
         dss = by_first[r["first_file"]]
         n = _normal(dss[0])[2]
         dss = sorted(dss, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ n))
