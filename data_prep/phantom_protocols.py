@@ -264,6 +264,7 @@ class SeriesSpec:
     folder: str = ""            # relative folder under dicom/
     noise_seed: int = 0
     defect: str = ""
+    enhanced: bool = False      # MR: one Enhanced MR Image object (multi-frame) for the series
 
     @property
     def normal(self) -> np.ndarray:

@@ -246,6 +246,8 @@ def _image_series(rng, pid, study: Study, number: int, anatomy: A.Anatomy, proto
               truncated=truncated, tilt_deg=tilt_deg, oblique=oblique)
     spec.thickness_mm = spacing if modality == "CT" else round(spacing - float(_choice(rng, (0.0, 0.5, 1.0))), 2)
     spec.instance_ascending = bool(rng.uniform() < (0.3 if (modality == "CT" and view == "axial") else 0.6))
+    # About one MR series in sixteen is exported as one Enhanced MR object (multi-frame).
+    spec.enhanced = modality == "MR" and spec.noise_seed % 16 == 3
     return spec
 
 
@@ -323,6 +325,13 @@ def plan_patient(seed: int, index: int) -> PatientPlan:
     junk = []
     for special in specials:
         _apply_special(rng, special, pid, studies, anatomy, junk)
+    # Every third patient's scanner exports its first MR series as an Enhanced MR object
+    # (besides the random few above), so that small archives hold one too.
+    if index % 3 == 2:
+        mr = [s for st in studies for s in st.series if s.modality == "MR" and s.kind == "image"
+              and not s.localizer and s.phases == 1]
+        if mr:
+            mr[0].enhanced = True
     # A few folders mix two series (as some PACS exports do).
     for study in studies:
         imgs = [s for s in study.series if s.kind == "image"]
@@ -380,6 +389,7 @@ def _make_time_series(rng, spec: P.SeriesSpec, phases: int) -> None:
     base = tuple(round((k - (n - 1) / 2) * spacing, 4) for k in range(n))
     spec.offsets = tuple(o for _ in range(phases) for o in base)
     spec.phases = phases
+    spec.enhanced = False       # dynamic series stay classic single-frame files
     spec.rows = spec.cols = 128
     spec.pixel_mm = round(spec.pixel_mm * 1.0, 4)
 
@@ -710,6 +720,8 @@ def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: P.Seri
     cos_list = spec.per_file_cosines or [(spec.row_cos, spec.col_cos)] * n_files
     paths = [""] * n_files
     c = np.asarray(spec.center_lps, float)
+    if spec.enhanced:
+        return _write_enhanced(folder, spec, ds, stored, order, cos_list, seed, rng)
     for inst, i in enumerate(order, start=1):
         rc, cc = (np.asarray(v, float) for v in cos_list[i])
         normal = np.cross(rc, cc)
@@ -733,6 +745,28 @@ def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: P.Seri
         ds.save_as(path, enforce_file_format=True)
         paths[i] = path
     return paths
+
+
+def _file_position(spec: P.SeriesSpec, rc, cc, offset: float) -> np.ndarray:
+    """ImagePositionPatient (centre of the first pixel) of a slice at ``offset`` on the normal."""
+    rc, cc = np.asarray(rc, float), np.asarray(cc, float)
+    c = np.asarray(spec.center_lps, float)
+    return (c - rc * spec.pixel_mm * (spec.cols - 1) / 2 - cc * spec.pixel_mm * (spec.rows - 1) / 2
+            + np.cross(rc, cc) * offset)
+
+
+def _write_enhanced(folder: str, spec: P.SeriesSpec, ds, stored, order, cos_list, seed, rng) -> list[str]:
+    """The whole series as one Enhanced MR Image object; every file index maps to its path."""
+    from data_prep import phantom_enhanced as E  # noqa: PLC0415
+    positions = [_file_position(spec, *cos_list[i], spec.offsets[i]) for i in order]
+    orientations = [tuple(cos_list[i][0]) + tuple(cos_list[i][1]) for i in order]
+    q = _quant_params(spec)
+    ds = E.enhanced_mr(ds, spec, order, positions, orientations, stored[order], q["slope"],
+                       q["intercept"], spec.agent, D.uid(seed, spec.series_id, "enhanced", "sop"),
+                       D.uid(seed, spec.series_id, "dimension"))
+    path = os.path.join(folder, _hex(rng, int(rng.integers(12, 21))).upper())
+    ds.save_as(path, enforce_file_format=True)
+    return [path] * len(spec.offsets)
 
 
 def _write_object(root: str, plan: PatientPlan, study: Study, spec: P.SeriesSpec, seed, rng) -> list[str]:

@@ -40,6 +40,48 @@ def _all_files(out):
             yield os.path.relpath(os.path.join(d, name), root).replace(os.sep, "/")
 
 
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def _group(groups, seq):
+    item = groups.get(seq)
+    return item[0] if item else None
+
+
+def _expand(ds):
+    """An Enhanced MR object as one dataset per frame, with the classic geometry tags
+    taken from its functional groups (per frame, else shared) and the frame's pixels."""
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        return [ds]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    pixels = ds.pixel_array
+    frames = []
+    for k, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        f = pydicom.Dataset()
+        for elem in ds:
+            if elem.keyword not in ("PixelData", "PerFrameFunctionalGroupsSequence"):
+                f.add(elem)
+
+        def get(seq, kw):
+            for g in (fg, shared):
+                item = _group(g, seq)
+                if item is not None and kw in item:
+                    return item[kw].value
+            raise AssertionError(f"{seq}/{kw} missing in frame {k}")
+        f.ImagePositionPatient = get("PlanePositionSequence", "ImagePositionPatient")
+        f.ImageOrientationPatient = get("PlaneOrientationSequence", "ImageOrientationPatient")
+        f.PixelSpacing = get("PixelMeasuresSequence", "PixelSpacing")
+        f.RescaleSlope = get("PixelValueTransformationSequence", "RescaleSlope")
+        f.RescaleIntercept = get("PixelValueTransformationSequence", "RescaleIntercept")
+        f.frame_pixels = pixels[k]
+        frames.append(f)
+    return frames
+
+
+def _pixels(ds):
+    return ds.frame_pixels if hasattr(ds, "frame_pixels") else ds.pixel_array
+
+
 def _read_series(out):
     """{(SeriesInstanceUID, orientation): [datasets]} of every readable file, plus unreadable paths.
 
@@ -58,9 +100,10 @@ def _read_series(out):
             # pydicom reads a file cut inside its meta group as an empty dataset
             unreadable.append(rel)
             continue
-        ds.rel_path = rel
-        iop = tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient", []) or [])
-        series[(ds.SeriesInstanceUID, iop)].append(ds)
+        for f in _expand(ds):
+            f.rel_path = rel
+            iop = tuple(round(float(v), 3) for v in f.get("ImageOrientationPatient", []) or [])
+            series[(f.SeriesInstanceUID, iop)].append(f)
     return series, unreadable
 
 
@@ -111,8 +154,8 @@ def test_every_file_reads_and_decodes(archive, headers):
     n = 0
     for dss in series.values():
         for ds in dss:
-            if "PixelData" in ds:
-                arr = ds.pixel_array
+            if "PixelData" in ds or hasattr(ds, "frame_pixels"):
+                arr = _pixels(ds)
                 assert arr.shape == (ds.Rows, ds.Columns)
                 n += 1
     assert n > 200
@@ -148,13 +191,23 @@ def test_geometry_of_included_series(archive, headers):
 def _header_sequence(ds):
     if ds.Modality == "CT":
         return "CT"
-    ss = ds.ScanningSequence
-    ss = list(ss) if isinstance(ss, pydicom.multival.MultiValue) else [ss]
-    tr, te = float(ds.RepetitionTime), float(ds.EchoTime)
+    if "EchoPulseSequence" in ds:      # Enhanced MR: the pulse sequence module + shared groups
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        modifier = shared.MRModifierSequence[0]
+        ss = [{"SPIN": "SE", "GRADIENT": "GR"}[ds.EchoPulseSequence]]
+        ss += ["IR"] if modifier.InversionRecovery == "YES" else []
+        ss += ["EP"] if ds.EchoPlanarPulseSequence == "YES" else []
+        tr = float(shared.MRTimingAndRelatedParametersSequence[0].RepetitionTime)
+        te = float(shared.MREchoSequence[0].EffectiveEchoTime)
+        ti = float(np.atleast_1d(modifier.InversionTimes)[0]) if "IR" in ss else None
+    else:
+        ss = ds.ScanningSequence
+        ss = list(ss) if isinstance(ss, pydicom.multival.MultiValue) else [ss]
+        tr, te = float(ds.RepetitionTime), float(ds.EchoTime)
+        ti = float(ds.InversionTime) if "IR" in ss else None
     if "EP" in ss or "GR" in ss:
         return ""
     if "IR" in ss:
-        ti = float(ds.InversionTime)
         if ti < 300:
             return ""       # STIR
         return "T1-FLAIR" if te < 40 else "T2-FLAIR"
@@ -175,7 +228,8 @@ def test_truth_agrees_with_headers(archive, headers):
         assert r["sequence"] == _header_sequence(ds), r["series_id"]
         agent = str(ds.get("ContrastBolusAgent", "") or "").strip()
         desc = str(ds.get("SeriesDescription", "") or "")
-        said = agent != "" or any(k in desc for k in ("C+", "POST", "GAD"))
+        said = (agent != "" or "ContrastBolusAgentSequence" in ds
+                or any(k in desc for k in ("C+", "POST", "GAD")))
         assert (r["contrast"] == "contrast") == said, r["series_id"]
         assert ("missing_description" in r["reasons"]) == (desc.strip() == "")
         named = P.named_regions(ds.get("StudyDescription"), desc, ds.get("ProtocolName"),
@@ -231,7 +285,7 @@ def test_reference_volume_matches_files(archive, headers):
         dss = by_first[r["first_file"]]
         n = _normal(dss[0])[2]
         dss = sorted(dss, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ n))
-        files = np.stack([d.pixel_array.astype(np.float32) * float(d.get("RescaleSlope", 1))
+        files = np.stack([_pixels(d).astype(np.float32) * float(d.get("RescaleSlope", 1))
                           + float(d.get("RescaleIntercept", 0)) for d in dss])
         ref = phantoms.reference_volume(archive, r["series_id"])
         assert ref.dtype == np.float32 and ref.shape == files.shape
@@ -338,3 +392,41 @@ def test_generate_rejects_bad_patient_count(tmp_path):
     with pytest.raises(ValueError, match="patients"):
         phantoms.generate(str(tmp_path), patients=0)
     assert math.isfinite(P.effective_spacing(5.0, 100))
+
+
+def test_enhanced_mr_objects(archive, headers):
+    """Some MR series are one Enhanced MR object: per-frame plane position/orientation
+    and pixel value transformation, shared pixel measures, no classic per-slice tags."""
+    by_first = _by_first_file(headers[0])
+    found = 0
+    for r in _truth(archive):
+        if r["reasons"] in ("unreadable", "not_image"):
+            continue
+        ds = pydicom.dcmread(os.path.join(archive, "dicom", r["first_file"]))
+        if ds.SOPClassUID != ENHANCED_MR:
+            continue
+        found += 1
+        assert ds.file_meta.MediaStorageSOPClassUID == ENHANCED_MR
+        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                   "ScanningSequence", "RepetitionTime", "EchoTime", "RescaleSlope"):
+            assert kw not in ds, kw
+        n = int(ds.NumberOfFrames)
+        assert ds.pixel_array.shape == (n, ds.Rows, ds.Columns)
+        assert len(ds.PerFrameFunctionalGroupsSequence) == n
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        assert "PixelMeasuresSequence" in shared
+        for fg in ds.PerFrameFunctionalGroupsSequence:
+            for seq in ("PlanePositionSequence", "PlaneOrientationSequence",
+                        "PixelValueTransformationSequence", "FrameContentSequence"):
+                assert seq in fg, seq
+        ranks = sorted(fg.FrameContentSequence[0].InStackPositionNumber
+                       for fg in ds.PerFrameFunctionalGroupsSequence)
+        assert ranks == list(range(1, n + 1))
+        frames = by_first[r["first_file"]]
+        assert len(frames) == n and not (r["slice_spacing_mm"] == "")
+        normal = _normal(frames[0])[2]
+        frames = sorted(frames, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ normal))
+        phys = np.stack([_pixels(d).astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept)
+                         for d in frames])
+        np.testing.assert_allclose(phantoms.reference_volume(archive, r["series_id"]), phys, atol=1e-3)
+    assert found >= 1
