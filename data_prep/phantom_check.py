@@ -74,9 +74,13 @@ def compare(truth_csv: str, index_dir: str) -> tuple[dict, list[str]]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("truth", None, "truth.csv of a phantom archive.")
-flags.DEFINE_string("index", None, "Output folder of data_prep.index (files.csv, series.csv).")
-flags.DEFINE_list("show", [], "Columns whose disagreements to list (or 'all').")
+
+
+def _define_flags() -> None:
+    """Defined only when run as a program, so importing compare() defines no flag."""
+    flags.DEFINE_string("truth", None, "truth.csv of a phantom archive.")
+    flags.DEFINE_string("index", None, "Output folder of data_prep.index (files.csv, series.csv).")
+    flags.DEFINE_list("show", [], "Columns whose disagreements to list (or 'all').")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -93,4 +97,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -946,11 +946,16 @@ def reference_volume(out_dir: str, series_id: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------- CLI
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Output folder (DIR/dicom, DIR/truth.csv, DIR/lits).")
-flags.DEFINE_integer("patients", 50, "Number of phantom patients.")
-flags.DEFINE_integer("seed", 0, "Seed; the same seed gives identical files.")
-flags.DEFINE_integer("lits_cases", 4, "Number of LiTS-format liver CT cases.")
-flags.DEFINE_integer("workers", None, "Worker processes (default: CPU count).")
+
+
+def _define_flags() -> None:
+    """Command-line flags, defined only when run as a program: other tools (the index)
+    define --out too, and both modules are imported in one test session."""
+    flags.DEFINE_string("out", None, "Output folder (DIR/dicom, DIR/truth.csv, DIR/lits).")
+    flags.DEFINE_integer("patients", 50, "Number of phantom patients.")
+    flags.DEFINE_integer("seed", 0, "Seed; the same seed gives identical files.")
+    flags.DEFINE_integer("lits_cases", 4, "Number of LiTS-format liver CT cases.")
+    flags.DEFINE_integer("workers", None, "Worker processes (default: CPU count).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -964,4 +969,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -430,3 +430,21 @@ def test_enhanced_mr_objects(archive, headers):
                          for d in frames])
         np.testing.assert_allclose(phantoms.reference_volume(archive, r["series_id"]), phys, atol=1e-3)
     assert found >= 1
+
+
+def test_index_reproduces_truth(archive, tmp_path):
+    """The archive index (data_prep.index) labels every truth row as the truth does
+    (the 50-patient run of docs/phantoms.md: the same, 1.0 on every column)."""
+    from configs import index as index_config
+    from data_prep import index, phantom_check
+    salt = tmp_path / "salt"
+    salt.write_text("phantom-truth-check-salt-0123456789\n")
+    out = tmp_path / "index"
+    index.run_index(os.path.join(archive, "dicom"), str(out), index_config.get_config(), workers=1,
+                    salt_file=str(salt), progress=False)
+    summary, lines = phantom_check.compare(os.path.join(archive, "truth.csv"), str(out))
+    assert summary["merged_series"] == summary["unmatched_index_series"] == 0, lines
+    assert summary["missing_first_files"] == 0, lines
+    for col in phantom_check.LABEL_COLUMNS:
+        assert summary[col] == 1.0, (col, [x for x in lines if f" {col}:" in x])
+    assert summary["slice_spacing"] == 1.0, lines
