@@ -7,7 +7,10 @@ stored on disk.
 Truth semantics (shared with data_prep.index, see docs/phantoms.md):
 - coverage = regions named by the descriptions (docs/interfaces.md keyword table) whose
   whole z-range (anatomy) lies inside the scan's superior–inferior extent, computed from
-  the pixel centres at the 8 corners of the volume;
+  the 8 corners of the voxel box (voxel edges: half a pixel / half a spacing beyond the
+  outermost centres);
+- a multi-orientation series (tri-plane localizer) gives one truth row per orientation;
+- the view is always the dominant axis of the normal; > 20° adds non_standard_view;
 - exclusion reasons are computed from the series' facts, all that apply, in the order of
   ``radnet.labels.EXCLUSION_REASONS``.
 """
@@ -261,6 +264,7 @@ class SeriesSpec:
     folder: str = ""            # relative folder under dicom/
     noise_seed: int = 0
     defect: str = ""
+    enhanced: bool = False      # MR: one Enhanced MR Image object (multi-frame) for the series
 
     @property
     def normal(self) -> np.ndarray:
@@ -275,28 +279,77 @@ class SeriesSpec:
 
 # --------------------------------------------------------------------------- truth
 def z_extent(spec: SeriesSpec) -> tuple[float, float]:
-    """Patient-z range (LPS) of the pixel centres at the volume's corners."""
+    """Patient-z range (LPS) of the imaged slab, from the 8 corners of its voxel box.
+
+    DICOM positions are voxel centres; a voxel spans ± half a pixel in plane and, in a
+    slice stack, ± half the slice spacing along the normal (a single slice: its centre
+    plane, as the index has no spacing to go by). So the slab reaches half a voxel beyond
+    the outermost centres: rows × PixelSpacing and (n − 1 + 1) × spacing. For coronal and
+    sagittal series the z extent is in-plane; for tilted series all three axes add.
+    Localizers with several orientations: the union over their files.
+    """
     zs = []
-    cos_list = spec.per_file_cosines or [(spec.row_cos, spec.col_cos)] * len(spec.offsets)
     c = np.asarray(spec.center_lps, float)
+    groups: dict[tuple, list[float]] = {}
+    cos_list = spec.per_file_cosines or [(spec.row_cos, spec.col_cos)] * len(spec.offsets)
     for off, (rc, cc) in zip(spec.offsets, cos_list):
+        groups.setdefault((tuple(rc), tuple(cc)), []).append(float(off))
+    for (rc, cc), offs in groups.items():
         rc, cc = np.asarray(rc, float), np.asarray(cc, float)
         n = np.cross(rc, cc)
-        base = c + n * off
-        for a in (-1, 1):
-            for b in (-1, 1):
-                p = (base + a * rc * spec.pixel_mm * (spec.cols - 1) / 2
-                     + b * cc * spec.pixel_mm * (spec.rows - 1) / 2)
-                zs.append(p[2])
+        pos = np.unique(np.round(np.asarray(offs), 3))
+        half_step = float(np.median(np.diff(pos))) / 2 if len(pos) > 1 else 0.0
+        for off in (pos[0] - half_step, pos[-1] + half_step):
+            base = c + n * off
+            for a in (-1, 1):
+                for b in (-1, 1):
+                    p = (base + a * rc * spec.pixel_mm * spec.cols / 2
+                         + b * cc * spec.pixel_mm * spec.rows / 2)
+                    zs.append(p[2])
     return float(min(zs)), float(max(zs))
 
 
-def view_of(row_cos, col_cos) -> str:
+def oblique_deg(row_cos, col_cos) -> float:
+    """Angle between the slice normal and the patient axis it is closest to."""
     n = np.cross(np.asarray(row_cos, float), np.asarray(col_cos, float))
-    i = int(np.argmax(np.abs(n)))
-    if abs(n[i]) < math.cos(math.radians(NON_STANDARD_ANGLE_DEG)):
+    n = n / np.linalg.norm(n)
+    return float(math.degrees(math.acos(min(1.0, float(np.max(np.abs(n)))))))
+
+
+def dominant_view(row_cos, col_cos) -> str:
+    """The view label: the patient axis closest to the slice normal (always filled)."""
+    n = np.cross(np.asarray(row_cos, float), np.asarray(col_cos, float))
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(n)))]
+
+
+def view_of(row_cos, col_cos) -> str:
+    """The standard view, or '' when the normal is more than NON_STANDARD_ANGLE_DEG off."""
+    if oblique_deg(row_cos, col_cos) > NON_STANDARD_ANGLE_DEG:
         return ""
-    return ("sagittal", "coronal", "axial")[i]
+    return dominant_view(row_cos, col_cos)
+
+
+def split_parts(spec: SeriesSpec) -> list[tuple[str, SeriesSpec, list[int]]]:
+    """The series as the standard lets a reader build volumes from it.
+
+    One SeriesInstanceUID whose files have different orientations (a tri-plane
+    localizer) holds one stack per orientation: each part is a series of its own
+    (``series_id`` + ``_<view>``) with its own view, geometry and reasons. Returns
+    (suffix, spec of the part, file indices of the part); an ordinary series is one
+    part with suffix ''.
+    """
+    if not spec.per_file_cosines:
+        return [("", spec, list(range(len(spec.offsets))))]
+    by_cos: dict[tuple, list[int]] = {}
+    for i, cos in enumerate(spec.per_file_cosines):
+        by_cos.setdefault((tuple(cos[0]), tuple(cos[1])), []).append(i)
+    parts = []
+    for (rc, cc), idx in by_cos.items():
+        suffix = "_" + dominant_view(rc, cc)
+        sub = dataclasses.replace(spec, series_id=spec.series_id + suffix, row_cos=rc, col_cos=cc,
+                                  per_file_cosines=(), offsets=tuple(spec.offsets[i] for i in idx))
+        parts.append((suffix, sub, idx))
+    return parts
 
 
 def distinct_positions(spec: SeriesSpec) -> np.ndarray:
@@ -317,9 +370,8 @@ def geometry_facts(spec: SeriesSpec) -> dict[str, Any]:
     else:
         consistent_dups = len(pos) == n_files
         n = n_files
-    if len(pos) < 2:
-        return dict(n_slices=n, spacing=float(spec.slice_spacing_mm or float("nan")),
-                    consistent=consistent_dups)
+    if len(pos) < 2:     # one position: no spacing to measure (a scout, a localizer part)
+        return dict(n_slices=n, spacing=float("nan"), consistent=consistent_dups)
     gaps = np.diff(pos)
     spacing = float(np.median(gaps))
     even = bool(np.all(np.abs(gaps - spacing) <= 0.05 * spacing + 1e-3))
@@ -345,7 +397,9 @@ def truth_row(spec: SeriesSpec, anatomy: A.Anatomy) -> dict[str, Any]:
         return row
     reasons = []
     facts = geometry_facts(spec)
-    view = "" if spec.per_file_cosines else view_of(spec.row_cos, spec.col_cos)
+    if spec.per_file_cosines:
+        raise ValueError(f"{spec.series_id}: split a multi-orientation series with split_parts first")
+    view = dominant_view(spec.row_cos, spec.col_cos)
     row["view"] = view
     row["contrast"] = "contrast" if spec.contrast else "no_contrast"
     z0 = anatomy.origin_lps[2]
@@ -366,11 +420,11 @@ def truth_row(spec: SeriesSpec, anatomy: A.Anatomy) -> dict[str, Any]:
         reasons.append("inconsistent_geometry")
     if not (spec.series_description or "").strip():
         reasons.append("missing_description")
-    if spec.pulse in ("GR", "EPI") or spec.sequence == "" and spec.modality == "MR":
-        reasons.append("excluded_sequence")
+    if spec.pulse in ("GR", "EPI") or spec.sequence == "" and spec.modality == "MR" or spec.localizer:
+        reasons.append("excluded_sequence")   # localizers/scouts too (ImageType LOCALIZER)
     if spec.phases > 1:
         reasons.append("time_series")
-    if not spec.per_file_cosines and view == "":
+    if oblique_deg(spec.row_cos, spec.col_cos) > NON_STANDARD_ANGLE_DEG:
         reasons.append("non_standard_view")
     if math.isfinite(eff) and eff > MAX_EFFECTIVE_SPACING_MM:
         reasons.append("spacing_too_large")

@@ -39,7 +39,7 @@ from data_prep import phantom_protocols as P
 from data_prep import phantom_render as R
 from radnet import labels
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 TRUTH_COLUMNS = ("series_id", "first_file", "sequence", "view", "contrast", "coverage",
                  "slice_spacing_mm", "effective_spacing_mm", "status", "reasons")
 
@@ -166,6 +166,15 @@ def _geometry(rng, spec: P.SeriesSpec, anatomy: A.Anatomy, regions, fov_range, s
             rot = rx(math.radians(tilt_deg))
     spec.row_cos = tuple(float(v) for v in rot @ np.asarray(row_cos))
     spec.col_cos = tuple(float(v) for v in rot @ np.asarray(col_cos))
+    if oblique:
+        # A tilted slab reaches along z by its in-plane size and its depth together;
+        # enough slices that its voxel box spans the regions and their margins, centred
+        # on them, so the named regions are covered whichever way one measures (their
+        # positions, or the slab's superior–inferior length as the index does).
+        rc_, cc_ = np.asarray(spec.row_cos), np.asarray(spec.col_cos)
+        nz = abs(float(np.cross(rc_, cc_)[2]))
+        in_plane_half = (abs(rc_[2]) + abs(cc_[2])) * pixel * matrix / 2
+        n = max(int(math.ceil(max(span / 2 - in_plane_half, 0.0) * 2 / (nz * spacing))), 20)
     spec.center_lps = (xc, yc, zc)
     spec.rows = spec.cols = matrix
     spec.pixel_mm = round(pixel, 4)
@@ -202,7 +211,7 @@ def _new_spec(plan_rng, pid, study: Study, number: int, **kw) -> P.SeriesSpec:
 
 def _image_series(rng, pid, study: Study, number: int, anatomy: A.Anatomy, proto: dict,
                   desc: str, view: str, seq: str, post: bool, spacing_choices,
-                  truncated=False, tilt_deg=0.0, oblique=False) -> P.SeriesSpec:
+                  truncated=False, tilt_deg=0.0, oblique=False, matrix=None) -> P.SeriesSpec:
     modality = study.modality
     regions = proto["regions"]
     body_part = proto["body_part"]
@@ -213,7 +222,7 @@ def _image_series(rng, pid, study: Study, number: int, anatomy: A.Anatomy, proto
         spec.pulse = "CT"
         spec.style = study.vendor[2]
         spec.noise = float(rng.uniform(6, 16))
-        matrix = int(_choice(rng, (128, 128, 160, 192, 192, 256)))
+        matrix = matrix or int(_choice(rng, (128, 128, 160, 192, 192, 256)))
     else:
         spec.__dict__.update(_mr_params(rng, seq))
         spec.sequence = seq if seq in labels.SEQUENCE else ""
@@ -221,7 +230,7 @@ def _image_series(rng, pid, study: Study, number: int, anatomy: A.Anatomy, proto
         spec.scale = float(rng.uniform(800, 3500))
         spec.noise = float(rng.uniform(0.008, 0.025))
         spec.bias = tuple(float(v) for v in rng.uniform(-0.25, 0.25, 4))
-        matrix = int(_choice(rng, (128, 160, 192, 256)))
+        matrix = matrix or int(_choice(rng, (128, 160, 192, 256)))
     spec.contrast = bool(post)
     if post:
         agents = AGENTS_CT if modality == "CT" else AGENTS_MR
@@ -237,6 +246,8 @@ def _image_series(rng, pid, study: Study, number: int, anatomy: A.Anatomy, proto
               truncated=truncated, tilt_deg=tilt_deg, oblique=oblique)
     spec.thickness_mm = spacing if modality == "CT" else round(spacing - float(_choice(rng, (0.0, 0.5, 1.0))), 2)
     spec.instance_ascending = bool(rng.uniform() < (0.3 if (modality == "CT" and view == "axial") else 0.6))
+    # About one MR series in sixteen is exported as one Enhanced MR object (multi-frame).
+    spec.enhanced = modality == "MR" and spec.noise_seed % 16 == 3
     return spec
 
 
@@ -314,6 +325,13 @@ def plan_patient(seed: int, index: int) -> PatientPlan:
     junk = []
     for special in specials:
         _apply_special(rng, special, pid, studies, anatomy, junk)
+    # Every third patient's scanner exports its first MR series as an Enhanced MR object
+    # (besides the random few above), so that small archives hold one too.
+    if index % 3 == 2:
+        mr = [s for st in studies for s in st.series if s.modality == "MR" and s.kind == "image"
+              and not s.localizer and s.phases == 1]
+        if mr:
+            mr[0].enhanced = True
     # A few folders mix two series (as some PACS exports do).
     for study in studies:
         imgs = [s for s in study.series if s.kind == "image"]
@@ -355,11 +373,23 @@ def _add_localizer(rng, pid, study: Study, anatomy: A.Anatomy, proto) -> int:
 
 
 def _make_time_series(rng, spec: P.SeriesSpec, phases: int) -> None:
-    """Several acquisitions at the same positions (dynamic / perfusion)."""
-    n = min(len(spec.offsets), 24)
-    base = spec.offsets[:n]
+    """Several acquisitions at the same positions (dynamic / perfusion).
+
+    A perfusion/dynamic slab of 16–20 slices centred on the protocol's regions, at most
+    60 % as long as the shortest region it names: it covers none of them, and clearly so
+    (its length is far from any region's minimum, whichever way coverage is measured).
+    """
+    n = int(rng.integers(16, 21))
+    mins = [A.MIN_REGION_LENGTH_MM[r] for r in spec.regions_named]
+    spacing = spec.slice_spacing_mm
+    if mins:
+        spacing = min(spacing, math.floor(10 * 0.6 * min(mins) / n) / 10)
+    spec.slice_spacing_mm = spacing
+    spec.thickness_mm = min(spec.thickness_mm, spacing)
+    base = tuple(round((k - (n - 1) / 2) * spacing, 4) for k in range(n))
     spec.offsets = tuple(o for _ in range(phases) for o in base)
     spec.phases = phases
+    spec.enhanced = False       # dynamic series stay classic single-frame files
     spec.rows = spec.cols = 128
     spec.pixel_mm = round(spec.pixel_mm * 1.0, 4)
 
@@ -394,6 +424,9 @@ def _apply_special(rng, special: str, pid: str, studies: list, anatomy: A.Anatom
                                   for k in range(len(offs) - half)]
         else:
             s.series_description = None
+            if s.contrast and not s.agent:
+                # Only the description said so; without it the agent tag must tell.
+                s.agent = (AGENTS_CT if s.modality == "CT" else AGENTS_MR)[0]
         s.offsets = tuple(offs)
         return
     if special in ("too_few_slices", "truncated_coverage", "oblique", "tilted", "time_series",
@@ -426,6 +459,7 @@ def _apply_special(rng, special: str, pid: str, studies: list, anatomy: A.Anatom
             spacings = (5.0,)
         if special == "oblique":
             kw["oblique"] = True
+            kw["matrix"] = 128
         if special == "tilted":
             kw["tilt_deg"] = float(rng.uniform(4, 10))
         if special == "time_series" and study.modality == "MR":
@@ -441,11 +475,7 @@ def _apply_special(rng, special: str, pid: str, studies: list, anatomy: A.Anatom
             n = max(len(spec.offsets), 175)     # effective spacing ≥ 18 mm: clearly too large
             spec.offsets = tuple(round((k - (n - 1) / 2) * 5.0, 4) for k in range(n))
         if special == "time_series":
-            spec.offsets = spec.offsets[:20] if len(spec.offsets) >= 20 else spec.offsets
             _make_time_series(rng, spec, phases=int(rng.integers(3, 6)))
-        if special == "oblique":
-            spec.offsets = spec.offsets[:30]
-            spec.rows = spec.cols = 128
         study.series.append(spec)
         return
     if special == "sr":
@@ -673,6 +703,7 @@ def _image_dataset(plan: PatientPlan, study: Study, spec: P.SeriesSpec, seed: in
 
 def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: P.SeriesSpec,
                         grid: A.LabelGrid, seed: int, rng) -> list[str]:
+    """Writes one file per slice; returns their paths indexed like ``spec.offsets``."""
     stored = render_stored(spec, grid, plan.anatomy)
     ds = _image_dataset(plan, study, spec, seed)
     sop_class = ds.SOPClassUID
@@ -687,8 +718,10 @@ def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: P.Seri
     elif spec.phases == 1:
         order = sorted(order, key=lambda i: spec.offsets[i])
     cos_list = spec.per_file_cosines or [(spec.row_cos, spec.col_cos)] * n_files
-    paths = []
+    paths = [""] * n_files
     c = np.asarray(spec.center_lps, float)
+    if spec.enhanced:
+        return _write_enhanced(folder, spec, ds, stored, order, cos_list, seed, rng)
     for inst, i in enumerate(order, start=1):
         rc, cc = (np.asarray(v, float) for v in cos_list[i])
         normal = np.cross(rc, cc)
@@ -710,8 +743,30 @@ def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: P.Seri
         name = _hex(rng, int(rng.integers(12, 21))).upper()
         path = os.path.join(folder, name)
         ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths[i] = path
     return paths
+
+
+def _file_position(spec: P.SeriesSpec, rc, cc, offset: float) -> np.ndarray:
+    """ImagePositionPatient (centre of the first pixel) of a slice at ``offset`` on the normal."""
+    rc, cc = np.asarray(rc, float), np.asarray(cc, float)
+    c = np.asarray(spec.center_lps, float)
+    return (c - rc * spec.pixel_mm * (spec.cols - 1) / 2 - cc * spec.pixel_mm * (spec.rows - 1) / 2
+            + np.cross(rc, cc) * offset)
+
+
+def _write_enhanced(folder: str, spec: P.SeriesSpec, ds, stored, order, cos_list, seed, rng) -> list[str]:
+    """The whole series as one Enhanced MR Image object; every file index maps to its path."""
+    from data_prep import phantom_enhanced as E  # noqa: PLC0415
+    positions = [_file_position(spec, *cos_list[i], spec.offsets[i]) for i in order]
+    orientations = [tuple(cos_list[i][0]) + tuple(cos_list[i][1]) for i in order]
+    q = _quant_params(spec)
+    ds = E.enhanced_mr(ds, spec, order, positions, orientations, stored[order], q["slope"],
+                       q["intercept"], spec.agent, D.uid(seed, spec.series_id, "enhanced", "sop"),
+                       D.uid(seed, spec.series_id, "dimension"))
+    path = os.path.join(folder, _hex(rng, int(rng.integers(12, 21))).upper())
+    ds.save_as(path, enforce_file_format=True)
+    return [path] * len(spec.offsets)
 
 
 def _write_object(root: str, plan: PatientPlan, study: Study, spec: P.SeriesSpec, seed, rng) -> list[str]:
@@ -754,9 +809,12 @@ def generate_patient(out_dir: str, seed: int, index: int) -> list[dict]:
             else:
                 paths = _write_object(root, plan, study, spec, seed, rng)
             written[spec.series_id] = paths
-            row = P.truth_row(spec, plan.anatomy)
-            row["first_file"] = os.path.relpath(min(paths), root).replace(os.sep, "/")
-            rows.append(row)
+            for _, part, idx in (P.split_parts(spec) if spec.kind == "image"
+                                 else [("", spec, range(len(paths)))]):
+                row = P.truth_row(part, plan.anatomy)
+                first = min(paths[i] for i in idx)
+                row["first_file"] = os.path.relpath(first, root).replace(os.sep, "/")
+                rows.append(row)
     for kind, sid, folder, src in plan.junk:
         path = os.path.join(root, folder, _hex(rng, 16).upper())
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -852,7 +910,17 @@ def reference_volume(out_dir: str, series_id: str) -> np.ndarray:
     if not 0 <= index < meta["patients"]:
         raise KeyError(f"series {series_id!r}: patient {index} not in the archive")
     plan = plan_patient(meta["seed"], index)
-    study, spec = _find_spec(plan, series_id)
+    part_files = None
+    base_id, _, suffix = series_id.rpartition("_")
+    if suffix in labels.VIEW:
+        # One orientation of a multi-orientation series (a truth row of its own).
+        study, spec = _find_spec(plan, base_id)
+        parts = {sfx: idx for sfx, _, idx in P.split_parts(spec)} if spec.kind == "image" else {}
+        if "_" + suffix not in parts:
+            raise KeyError(f"series {series_id!r} not in the phantom archive")
+        part_files = parts["_" + suffix]
+    else:
+        study, spec = _find_spec(plan, series_id)
     if spec.kind != "image":
         raise ValueError(f"series {series_id!r} is a {spec.kind} object, not an image series")
     grid = _grid_for(plan)
@@ -860,7 +928,10 @@ def reference_volume(out_dir: str, series_id: str) -> np.ndarray:
     q = _quant_params(spec)
     phys = stored.astype(np.float32) * np.float32(q["slope"]) + np.float32(q["intercept"])
     n_files = len(spec.offsets)
-    if spec.per_file_cosines:
+    if part_files is not None:
+        # one orientation: its files ascending along its normal, ties in instance order
+        order = sorted(part_files, key=lambda i: spec.offsets[i])
+    elif spec.per_file_cosines:
         order = list(range(n_files))
     else:
         # instance order, then a stable sort along the normal
@@ -875,11 +946,16 @@ def reference_volume(out_dir: str, series_id: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------- CLI
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Output folder (DIR/dicom, DIR/truth.csv, DIR/lits).")
-flags.DEFINE_integer("patients", 50, "Number of phantom patients.")
-flags.DEFINE_integer("seed", 0, "Seed; the same seed gives identical files.")
-flags.DEFINE_integer("lits_cases", 4, "Number of LiTS-format liver CT cases.")
-flags.DEFINE_integer("workers", None, "Worker processes (default: CPU count).")
+
+
+def _define_flags() -> None:
+    """Command-line flags, defined only when run as a program: other tools (the index)
+    define --out too, and both modules are imported in one test session."""
+    flags.DEFINE_string("out", None, "Output folder (DIR/dicom, DIR/truth.csv, DIR/lits).")
+    flags.DEFINE_integer("patients", 50, "Number of phantom patients.")
+    flags.DEFINE_integer("seed", 0, "Seed; the same seed gives identical files.")
+    flags.DEFINE_integer("lits_cases", 4, "Number of LiTS-format liver CT cases.")
+    flags.DEFINE_integer("workers", None, "Worker processes (default: CPU count).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -893,4 +969,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

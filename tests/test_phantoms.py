@@ -40,8 +40,54 @@ def _all_files(out):
             yield os.path.relpath(os.path.join(d, name), root).replace(os.sep, "/")
 
 
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def _group(groups, seq):
+    item = groups.get(seq)
+    return item[0] if item else None
+
+
+def _expand(ds):
+    """An Enhanced MR object as one dataset per frame, with the classic geometry tags
+    taken from its functional groups (per frame, else shared) and the frame's pixels."""
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        return [ds]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    pixels = ds.pixel_array
+    frames = []
+    for k, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        f = pydicom.Dataset()
+        for elem in ds:
+            if elem.keyword not in ("PixelData", "PerFrameFunctionalGroupsSequence"):
+                f.add(elem)
+
+        def get(seq, kw):
+            for g in (fg, shared):
+                item = _group(g, seq)
+                if item is not None and kw in item:
+                    return item[kw].value
+            raise AssertionError(f"{seq}/{kw} missing in frame {k}")
+        f.ImagePositionPatient = get("PlanePositionSequence", "ImagePositionPatient")
+        f.ImageOrientationPatient = get("PlaneOrientationSequence", "ImageOrientationPatient")
+        f.PixelSpacing = get("PixelMeasuresSequence", "PixelSpacing")
+        f.RescaleSlope = get("PixelValueTransformationSequence", "RescaleSlope")
+        f.RescaleIntercept = get("PixelValueTransformationSequence", "RescaleIntercept")
+        f.frame_pixels = pixels[k]
+        frames.append(f)
+    return frames
+
+
+def _pixels(ds):
+    return ds.frame_pixels if hasattr(ds, "frame_pixels") else ds.pixel_array
+
+
 def _read_series(out):
-    """{SeriesInstanceUID: [datasets]} of every readable file, plus unreadable paths."""
+    """{(SeriesInstanceUID, orientation): [datasets]} of every readable file, plus unreadable paths.
+
+    A UID whose files have several orientations (tri-plane localizer) is one series per
+    orientation, as the truth has one row per orientation.
+    """
     series = collections.defaultdict(list)
     unreadable = []
     for rel in _all_files(out):
@@ -54,8 +100,10 @@ def _read_series(out):
             # pydicom reads a file cut inside its meta group as an empty dataset
             unreadable.append(rel)
             continue
-        ds.rel_path = rel
-        series[ds.SeriesInstanceUID].append(ds)
+        for f in _expand(ds):
+            f.rel_path = rel
+            iop = tuple(round(float(v), 3) for v in f.get("ImageOrientationPatient", []) or [])
+            series[(f.SeriesInstanceUID, iop)].append(f)
     return series, unreadable
 
 
@@ -106,8 +154,8 @@ def test_every_file_reads_and_decodes(archive, headers):
     n = 0
     for dss in series.values():
         for ds in dss:
-            if "PixelData" in ds:
-                arr = ds.pixel_array
+            if "PixelData" in ds or hasattr(ds, "frame_pixels"):
+                arr = _pixels(ds)
                 assert arr.shape == (ds.Rows, ds.Columns)
                 n += 1
     assert n > 200
@@ -143,13 +191,23 @@ def test_geometry_of_included_series(archive, headers):
 def _header_sequence(ds):
     if ds.Modality == "CT":
         return "CT"
-    ss = ds.ScanningSequence
-    ss = list(ss) if isinstance(ss, pydicom.multival.MultiValue) else [ss]
-    tr, te = float(ds.RepetitionTime), float(ds.EchoTime)
+    if "EchoPulseSequence" in ds:      # Enhanced MR: the pulse sequence module + shared groups
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        modifier = shared.MRModifierSequence[0]
+        ss = [{"SPIN": "SE", "GRADIENT": "GR"}[ds.EchoPulseSequence]]
+        ss += ["IR"] if modifier.InversionRecovery == "YES" else []
+        ss += ["EP"] if ds.EchoPlanarPulseSequence == "YES" else []
+        tr = float(shared.MRTimingAndRelatedParametersSequence[0].RepetitionTime)
+        te = float(shared.MREchoSequence[0].EffectiveEchoTime)
+        ti = float(np.atleast_1d(modifier.InversionTimes)[0]) if "IR" in ss else None
+    else:
+        ss = ds.ScanningSequence
+        ss = list(ss) if isinstance(ss, pydicom.multival.MultiValue) else [ss]
+        tr, te = float(ds.RepetitionTime), float(ds.EchoTime)
+        ti = float(ds.InversionTime) if "IR" in ss else None
     if "EP" in ss or "GR" in ss:
         return ""
     if "IR" in ss:
-        ti = float(ds.InversionTime)
         if ti < 300:
             return ""       # STIR
         return "T1-FLAIR" if te < 40 else "T2-FLAIR"
@@ -170,28 +228,43 @@ def test_truth_agrees_with_headers(archive, headers):
         assert r["sequence"] == _header_sequence(ds), r["series_id"]
         agent = str(ds.get("ContrastBolusAgent", "") or "").strip()
         desc = str(ds.get("SeriesDescription", "") or "")
-        said = agent != "" or any(k in desc for k in ("C+", "POST", "GAD"))
+        said = (agent != "" or "ContrastBolusAgentSequence" in ds
+                or any(k in desc for k in ("C+", "POST", "GAD")))
         assert (r["contrast"] == "contrast") == said, r["series_id"]
         assert ("missing_description" in r["reasons"]) == (desc.strip() == "")
         named = P.named_regions(ds.get("StudyDescription"), desc, ds.get("ProtocolName"),
                                 ds.get("BodyPartExamined"))
         cov = [c for c in r["coverage"].split(";") if c]
         assert set(cov) <= set(named), (r["series_id"], cov, named)
-        # superior–inferior extent from the headers' corners covers each region's length
+        # superior–inferior extent of the voxel box (centres ± half a voxel) from the
+        # headers' corners covers each region's length
         zs = []
+        n = _normal(ds)[2]
+        proj = sorted({round(float(np.array([float(v) for v in d.ImagePositionPatient]) @ n), 3)
+                       for d in dss})
+        half = float(np.median(np.diff(proj))) / 2 if len(proj) > 1 else 0.0
         for d in dss:
             ipp = np.array([float(v) for v in d.ImagePositionPatient])
             rc, cc, _ = _normal(d)
             dr, dc = (float(v) for v in d.PixelSpacing)
-            for a in (0, d.Columns - 1):
-                for b in (0, d.Rows - 1):
-                    zs.append((ipp + a * dc * rc + b * dr * cc)[2])
+            for a in (-0.5, d.Columns - 0.5):
+                for b in (-0.5, d.Rows - 0.5):
+                    for e in (-half, half):
+                        zs.append((ipp + a * dc * rc + b * dr * cc + e * n)[2])
         extent = max(zs) - min(zs)
         for c in cov:
             lo, hi = anat_regions[c]
             assert extent >= A.MIN_REGION_LENGTH_MM[c]
         if r["status"] == "included" and r["coverage"]:
             assert set(cov) == set(named), "included full scans cover all the regions they name"
+        # the view is the dominant axis of the normal; beyond 20° it is also non-standard
+        rc, cc, n = _normal(ds)
+        assert r["view"] == ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(n)))]
+        tilt = math.degrees(math.acos(min(1.0, float(np.max(np.abs(n))))))
+        assert ("non_standard_view" in r["reasons"]) == (tilt > 20), (r["series_id"], tilt)
+        localizer = "LOCALIZER" in list(ds.ImageType)
+        if localizer:
+            assert "excluded_sequence" in r["reasons"], r["series_id"]
         if "time_series" in r["reasons"]:
             assert int(ds.NumberOfTemporalPositions) > 1
         assert ("too_few_slices" in r["reasons"]) == (
@@ -205,11 +278,14 @@ def test_reference_volume_matches_files(archive, headers):
     picked = {}
     for r in rows:   # one of each sequence and view
         picked.setdefault((r["sequence"], r["view"]), r)
-    for r in picked.values():
+    # one orientation of a tri-plane localizer is a series (and a truth row) of its own
+    parts = [r for r in _truth(archive) if r["series_id"].endswith(("_coronal", "_sagittal"))]
+    assert parts and all(len(by_first[r["first_file"]]) == 1 for r in parts)
+    for r in list(picked.values()) + parts[:2]:
         dss = by_first[r["first_file"]]
         n = _normal(dss[0])[2]
         dss = sorted(dss, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ n))
-        files = np.stack([d.pixel_array.astype(np.float32) * float(d.get("RescaleSlope", 1))
+        files = np.stack([_pixels(d).astype(np.float32) * float(d.get("RescaleSlope", 1))
                           + float(d.get("RescaleIntercept", 0)) for d in dss])
         ref = phantoms.reference_volume(archive, r["series_id"])
         assert ref.dtype == np.float32 and ref.shape == files.shape
@@ -316,3 +392,59 @@ def test_generate_rejects_bad_patient_count(tmp_path):
     with pytest.raises(ValueError, match="patients"):
         phantoms.generate(str(tmp_path), patients=0)
     assert math.isfinite(P.effective_spacing(5.0, 100))
+
+
+def test_enhanced_mr_objects(archive, headers):
+    """Some MR series are one Enhanced MR object: per-frame plane position/orientation
+    and pixel value transformation, shared pixel measures, no classic per-slice tags."""
+    by_first = _by_first_file(headers[0])
+    found = 0
+    for r in _truth(archive):
+        if r["reasons"] in ("unreadable", "not_image"):
+            continue
+        ds = pydicom.dcmread(os.path.join(archive, "dicom", r["first_file"]))
+        if ds.SOPClassUID != ENHANCED_MR:
+            continue
+        found += 1
+        assert ds.file_meta.MediaStorageSOPClassUID == ENHANCED_MR
+        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                   "ScanningSequence", "RepetitionTime", "EchoTime", "RescaleSlope"):
+            assert kw not in ds, kw
+        n = int(ds.NumberOfFrames)
+        assert ds.pixel_array.shape == (n, ds.Rows, ds.Columns)
+        assert len(ds.PerFrameFunctionalGroupsSequence) == n
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        assert "PixelMeasuresSequence" in shared
+        for fg in ds.PerFrameFunctionalGroupsSequence:
+            for seq in ("PlanePositionSequence", "PlaneOrientationSequence",
+                        "PixelValueTransformationSequence", "FrameContentSequence"):
+                assert seq in fg, seq
+        ranks = sorted(fg.FrameContentSequence[0].InStackPositionNumber
+                       for fg in ds.PerFrameFunctionalGroupsSequence)
+        assert ranks == list(range(1, n + 1))
+        frames = by_first[r["first_file"]]
+        assert len(frames) == n and not (r["slice_spacing_mm"] == "")
+        normal = _normal(frames[0])[2]
+        frames = sorted(frames, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ normal))
+        phys = np.stack([_pixels(d).astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept)
+                         for d in frames])
+        np.testing.assert_allclose(phantoms.reference_volume(archive, r["series_id"]), phys, atol=1e-3)
+    assert found >= 1
+
+
+def test_index_reproduces_truth(archive, tmp_path):
+    """The archive index (data_prep.index) labels every truth row as the truth does
+    (the 50-patient run of docs/phantoms.md: the same, 1.0 on every column)."""
+    from configs import index as index_config
+    from data_prep import index, phantom_check
+    salt = tmp_path / "salt"
+    salt.write_text("phantom-truth-check-salt-0123456789\n")
+    out = tmp_path / "index"
+    index.run_index(os.path.join(archive, "dicom"), str(out), index_config.get_config(), workers=1,
+                    salt_file=str(salt), progress=False)
+    summary, lines = phantom_check.compare(os.path.join(archive, "truth.csv"), str(out))
+    assert summary["merged_series"] == summary["unmatched_index_series"] == 0, lines
+    assert summary["missing_first_files"] == 0, lines
+    for col in phantom_check.LABEL_COLUMNS:
+        assert summary[col] == 1.0, (col, [x for x in lines if f" {col}:" in x])
+    assert summary["slice_spacing"] == 1.0, lines
