@@ -54,6 +54,20 @@ def make_dataset(path: str, seed: int = 0) -> str:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Each run() compiles the same steps again; a persistent cache makes repeats cheap."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], 0)
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("ds") / "dataset"))
@@ -125,7 +139,8 @@ def test_loss_masks_unknown_labels():
              "effective_spacing_mm": jnp.asarray([1.0, 3.0, np.nan, 5.0], jnp.float32)}
     weights = dict(sequence=1.0, view=1.0, contrast=1.0, coverage=1.0, slice_spacing=1.0)
     mask = jnp.asarray([True, True, True, False])
-    loss, per_head, stats = losses_lib.multitask_loss(outputs, batch, weights, mask)
+    loss_fn = jax.jit(lambda o: losses_lib.multitask_loss(o, batch, weights, mask))
+    loss, per_head, stats = loss_fn(outputs)
 
     # view: no known label → exactly 0 and no gradient; no NaN from an empty mean
     assert float(per_head["view"]) == 0.0 and float(stats["view/count"]) == 0
@@ -140,14 +155,14 @@ def test_loss_masks_unknown_labels():
 
     # changing anything that is masked changes nothing, and gradients are finite
     def f(o):
-        return losses_lib.multitask_loss(o, batch, weights, mask)[0]
+        return loss_fn(o)[0]
     moved = dict(outputs)
     moved["view"] = outputs["view"] + 7.0
     moved["sequence"] = outputs["sequence"].at[2:].add(5.0)
     moved["slice_spacing"] = outputs["slice_spacing"].at[2:].add(50.0)
     moved["coverage"] = outputs["coverage"].at[1].add(3.0).at[3].add(3.0)
     np.testing.assert_allclose(f(moved), loss, rtol=1e-6)
-    grads = jax.grad(f)(outputs)
+    grads = jax.jit(jax.grad(f))(outputs)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads["view"]).sum()) == 0.0
     assert float(jnp.abs(grads["sequence"][2:]).sum()) == 0.0
@@ -178,3 +193,48 @@ def test_kill_and_resume_equals_uninterrupted(dataset, tmp_path):
     la = [m["loss"] for m in logging_utils.read_metrics(straight) if m["split"] == "train"]
     lb = [m["loss"] for m in logging_utils.read_metrics(resumed) if m["split"] == "train"]
     np.testing.assert_allclose(la, lb, rtol=1e-5)
+
+
+_EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax
+    from absl import logging
+    logging.set_verbosity("info")
+    assert jax.device_count() == 8, jax.devices()
+    from tests.test_train import tiny_config
+    from radnet.train import pretrain
+    overrides = {"train.batch_size": 8, "eval.batch_size": 8, "train.num_steps": 2,
+                 "eval.every_steps": 2, "checkpoint.every_steps": 2,
+                 # FSDP: shard every array of ≥ 64 elements over the 8 'data' devices
+                 "sharding.fsdp_axis": "data", "sharding.fsdp_min_size": 64}
+    pretrain.run(tiny_config(sys.argv[1], **overrides), sys.argv[2])
+""")
+
+
+def test_eight_devices_match_one(dataset, tmp_path):
+    """Same run on 8 fake CPU devices (batch split, parameters FSDP-sharded) and on 1."""
+    overrides = {"train.batch_size": 8, "eval.batch_size": 8, "train.num_steps": 2,
+                 "eval.every_steps": 2, "checkpoint.every_steps": 2}
+    one = str(tmp_path / "one")
+    pretrain.run(tiny_config(dataset, **overrides), one)
+
+    eight = str(tmp_path / "eight")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                          " --xla_force_host_platform_device_count=8").strip())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICE_SCRIPT, dataset, eight],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "'data': 8" in result.stderr   # the mesh really spanned 8 devices
+
+    def losses(workdir):
+        lines = logging_utils.read_metrics(workdir)
+        return ([m["loss"] for m in lines if m["split"] == "train"],
+                [m["loss"] for m in lines if m["split"] == "val"])
+
+    train_1, val_1 = losses(one)
+    train_8, val_8 = losses(eight)
+    assert len(train_1) == 2 and len(val_1) == 1
+    np.testing.assert_allclose(train_8, train_1, rtol=2e-4)
+    np.testing.assert_allclose(val_8, val_1, rtol=2e-4)

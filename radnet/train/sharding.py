@@ -35,7 +35,10 @@ def make_mesh(mesh_config: Sequence[Sequence[Any]], devices=None) -> jax.shardin
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"config.mesh {mesh_config} needs {int(np.prod(sizes))} devices; "
                          f"{len(devices)} are available")
-    return jax.make_mesh(tuple(sizes), names, devices=devices)
+    # Auto axes: jit's partitioner propagates the input/parameter shardings through the
+    # model, which stays free of sharding annotations (explicit axes would require them).
+    return jax.make_mesh(tuple(sizes), names, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def batch_sharding(mesh, batch_axes: Sequence[str] = ("data",)) -> NamedSharding:
