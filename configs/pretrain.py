@@ -13,6 +13,7 @@ tiny (CPU tests), demo (the `make demo` model: 48×64×64 phantoms on 2 CPU core
 import ml_collections
 
 from configs import common
+from radnet.data import augment
 
 
 def get_config(arg=None):
@@ -64,8 +65,9 @@ def get_config(arg=None):
         worker_count=0,        # Grain worker processes (mp_prefetch); 0 = in-process
         prefetch_buffer=2,
         shuffle=True,
-        # On-device augmentation inside the jitted step (radnet.data.augment).
-        augment=ml_collections.ConfigDict(dict(enabled=False)),
+        # Label-safe augmentation on the device inside the jitted step (radnet.data.augment:
+        # intensity scale/shift, gamma, noise, patient left-right flips).
+        augment=augment.default_augment_config(),
     ))
 
     config.eval = ml_collections.ConfigDict(dict(
@@ -95,6 +97,7 @@ def get_config(arg=None):
         config.eval.every_steps = 2
         config.eval.batch_size = 2
         config.checkpoint.every_steps = 2
+        config.input.augment.enabled = False   # tests compare exact numbers
     if arg.demo:
         config.model.depth = 10
         config.model.width = 16

@@ -25,7 +25,7 @@ from radnet.train import logging_utils
 from radnet.train import losses as losses_lib
 from radnet.train import pretrain
 
-VOLUME_SHAPE = (8, 16, 16)
+VOLUME_SHAPE = (16, 32, 32)  # the smallest the radnet variant takes (total stride 16×32×32)
 SPLIT_SIZES = {"train": 12, "val": 5, "test": 3}   # val 5: the last eval batch is padded
 
 
