@@ -143,6 +143,8 @@ MR_PROTOCOLS: dict[str, dict[str, Any]] = {
                 ("SAG T1 SE", "sagittal", "T1-SE", "pre", (5.0, 6.0), 0.4),
                 ("AX T2 FSE", "axial", "T2-SE", "pre", (5.0, 6.0), 1.0),
                 ("AX T2 FLAIR", "axial", "T2-FLAIR", "pre", (5.0, 6.0), 0.9),
+                ("AX T1 FLAIR", "axial", "T1-FLAIR", "pre", (5.0, 6.0), 0.5),
+                ("COR T2 FLAIR", "coronal", "T2-FLAIR", "pre", (5.0,), 0.3),
                 ("AX DWI B1000", "axial", "EPI", "pre", (5.0,), 0.6),
                 ("AX SWI", "axial", "GR", "pre", (3.0,), 0.25),
                 ("AX T1 SE", "axial", "T1-SE", "pre", (5.0, 6.0), 0.8),

@@ -366,6 +366,13 @@ def _make_time_series(rng, spec: P.SeriesSpec, phases: int) -> None:
 
 def _apply_special(rng, special: str, pid: str, studies: list, anatomy: A.Anatomy, junk: list) -> None:
     study = studies[0]
+    if special == "truncated_coverage":
+        # only single-region protocols are ever truncated
+        single = [s for s in studies if len((P.CT_PROTOCOLS.get(s.protocol)
+                                             or P.MR_PROTOCOLS[s.protocol])["regions"]) == 1]
+        if not single:
+            return
+        study = single[0]
     proto = (P.CT_PROTOCOLS.get(study.protocol) or P.MR_PROTOCOLS[study.protocol])
     candidates = [s for s in study.series if s.kind == "image" and not s.localizer
                   and s.phases == 1 and not s.defect and len(s.offsets) >= 20
@@ -410,11 +417,10 @@ def _apply_special(rng, special: str, pid: str, studies: list, anatomy: A.Anatom
             kw["truncated"] = len(proto["regions"]) == 1
             spacings = (3.0,)
         elif special == "spacing_too_large":
-            if study.modality != "CT":
-                return
             p = dict(proto, regions=("upper_head_neck", "lower_head_neck", "lung", "liver",
                                      "kidney", "intestine", "pelvis"), fov=(440, 480))
-            desc = "AX 5MM NECK CHEST ABDOMEN PELVIS"
+            desc = ("AX 5MM NECK CHEST ABDOMEN PELVIS" if study.modality == "CT"
+                    else "AX T2 HASTE NECK CHEST ABDOMEN PELVIS")
             spacings = (5.0,)
         else:
             spacings = (5.0,)
