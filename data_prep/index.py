@@ -766,15 +766,20 @@ def run_index(dicom_root: str, out: str, cfg, workers: int = 1, salt_file: str =
 # ----------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dicom_root", None, "Root of the DICOM tree (any layout, any file names).")
-flags.DEFINE_string("out", None, "Output folder (files.csv, series.csv, review.csv, summary.json).")
-flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Header-reading processes.")
-flags.DEFINE_string("collections", None, "Optional collections.csv: collection,regions.")
-flags.DEFINE_string("overrides", None, "Optional overrides.csv: series_key,column,value.")
-flags.DEFINE_string("salt_file", DEFAULT_SALT_FILE, "Secret for the keyed hashes (created if missing).")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
-config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "configs", "index.py"), "Index config (thresholds).")
+
+
+def define_flags():
+    """Command-line flags, defined only when run as a program so that importing this
+    module next to the other data_prep tools never clashes on shared names (--out, --workers)."""
+    flags.DEFINE_string("dicom_root", None, "Root of the DICOM tree (any layout, any file names).")
+    flags.DEFINE_string("out", None, "Output folder (files.csv, series.csv, review.csv, summary.json).")
+    flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Header-reading processes.")
+    flags.DEFINE_string("collections", None, "Optional collections.csv: collection,regions.")
+    flags.DEFINE_string("overrides", None, "Optional overrides.csv: series_key,column,value.")
+    flags.DEFINE_string("salt_file", DEFAULT_SALT_FILE, "Secret for the keyed hashes (created if missing).")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "configs", "index.py"), "Index config (thresholds).")
 
 
 def main(argv):
@@ -788,4 +793,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,11 +1,18 @@
 """Orchestration of the volume build: index → tasks → worker pool → dataset.
 
-Crash safety rests on one ordering: a worker writes a series' volume chunk, waits until
-TensorStore reports the write complete, and only then writes the series' *done marker*
-``DATASET/_build/done/<index>.json`` (its outcome: status, reason, measured geometry).
-A re-run lists the markers and redoes every series without one, overwriting whatever
-partial chunk a killed run may have left. Markers are one small key per series, so they
-work on every kvstore (local files, gs://, s3://) and shards never append to a shared file.
+Crash safety rests on one ordering: a series' *done marker*
+``DATASET/_build/done/<index>.json`` (its outcome: status, reason, measured geometry) is
+written only after TensorStore reported its volume chunk write complete. A re-run lists
+the markers and redoes every series without one, overwriting whatever partial chunk a
+killed run may have left. Markers are one small key per series, so they work on every
+kvstore (local files, gs://, s3://) and shards never append to a shared file.
+
+Each worker writes its chunks and markers itself, one write in flight: while TensorStore
+compresses and writes (and fsyncs) series k on its own threads, the worker already
+decodes series k+1; before it starts the next write it waits for series k's chunk, then
+writes k's marker. The last write is completed when the worker exits (a finalizer), so
+the coordinator reads every marker after the pool has joined. A worker killed with a
+write in flight leaves no marker for it: that series is redone.
 
 The label arrays and manifest.csv are written once, by whichever process finds every
 marker present ("finalize"): they are a pure function of the index and the markers, so
@@ -23,6 +30,7 @@ import io
 import json
 import math
 import multiprocessing
+import multiprocessing.util
 import os
 import time
 from collections import Counter
@@ -47,6 +55,16 @@ class Task:
     index: int
     series_key: str
     paths: tuple[str, ...]  # relative to dicom_root, '/'-separated (never logged)
+    orientation: tuple[float, ...] | None = None  # the index's 6 cosines, if given
+
+
+def parse_orientation(text: str | None) -> tuple[float, ...] | None:
+    """series.csv ``orientation`` (6 cosines ';'-joined) → floats; None if absent or malformed."""
+    try:
+        values = tuple(float(v) for v in (text or "").split(";"))
+    except ValueError:
+        return None
+    return values if len(values) == 6 and all(math.isfinite(v) for v in values) else None
 
 
 def options_from_config(config) -> volume_core.VolumeOptions:
@@ -55,6 +73,7 @@ def options_from_config(config) -> volume_core.VolumeOptions:
         min_slices=int(config.min_slices),
         max_effective_spacing_mm=float(config.max_effective_spacing_mm),
         max_spacing_deviation=float(config.max_spacing_deviation),
+        max_orientation_deviation_deg=float(config.get("max_orientation_deviation_deg", 1.0)),
         antialias=bool(config.antialias),
         normalise=str(config.normalise),
         percentiles=tuple(float(p) for p in config.percentiles),
@@ -124,11 +143,29 @@ def _context(fsync: bool) -> ts.Context:
 
 
 def _init_worker(out: str, dicom_root: str, options: volume_core.VolumeOptions,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, finalizer: bool = True) -> None:
+    context = _context(fsync)
     _WORKER["volume"] = schema.open_arrays(out, names=("volume",), read_only=False,
-                                           context=_context(fsync))["volume"]
+                                           context=context)["volume"]
+    _WORKER["markers"] = _kvstore(out, BUILD_PREFIX, context)
     _WORKER["dicom_root"] = dicom_root
     _WORKER["options"] = options
+    _WORKER["pending"] = None  # (chunk write future, outcome) of the series in flight
+    if finalizer:
+        # A pool worker completes its last write when it exits normally (pool.close()).
+        multiprocessing.util.Finalize(None, flush_worker, exitpriority=10)
+
+
+def flush_worker() -> None:
+    """Waits for the write in flight, then writes its done marker (never before)."""
+    pending, _WORKER["pending"] = _WORKER.get("pending"), None
+    if pending is None:
+        return
+    chunk, outcome = pending
+    if chunk is not None:
+        chunk.result()
+    _WORKER["markers"].write(_marker_key(outcome["index"]),
+                             json.dumps(outcome, sort_keys=True).encode()).result()
 
 
 def _marker_key(index: int) -> str:
@@ -143,7 +180,11 @@ def _scrub(message: str, paths: list[str], dicom_root: str) -> str:
 
 
 def _work(task: Task) -> dict:
-    """Builds one series and writes its chunk (waiting for completion). Returns the outcome."""
+    """Builds one series and starts its chunk write; the marker follows its completion.
+
+    Returns the outcome (for progress and the run summary) while the write may still
+    be in flight; durability is recorded by the marker alone.
+    """
     options: volume_core.VolumeOptions = _WORKER["options"]
     root = _WORKER["dicom_root"]
     abs_paths = [os.path.join(root, *p.split("/")) for p in task.paths]
@@ -151,22 +192,30 @@ def _work(task: Task) -> dict:
                "reason": "", "message": "", "n_slices": None, "rows": None, "columns": None,
                "slice_spacing_mm": None, "effective_spacing_mm": None,
                "bytes_read": int(sum(os.path.getsize(p) for p in abs_paths if os.path.exists(p)))}
+    built = None
     try:
-        built = volume_core.build_volume(abs_paths, options)
+        if not abs_paths:
+            # files.csv lists no file under this key: e.g. a multi-frame file whose
+            # frames the index split into several series is listed under one of them.
+            raise volume_core.SeriesError("decode_failed", "files.csv lists no included file "
+                                          "for this series")
+        built = volume_core.build_volume(abs_paths, options, orientation=task.orientation)
     except volume_core.SeriesError as err:
         outcome.update(status="excluded", reason=err.reason,
                        message=_scrub(err.message, abs_paths, root), **err.info)
     except Exception as err:  # any other failure of one series must not stop the build
         outcome.update(status="excluded", reason="decode_failed",
                        message=_scrub(f"{type(err).__name__}: {err}", abs_paths, root))
-    else:
-        # The marker must never exist before the chunk is durable: wait for the write.
-        _WORKER["volume"][task.index].write(built.volume).result()
+    # One write in flight per worker: the previous series' chunk must be complete (and
+    # get its marker) before this one's write starts.
+    flush_worker()
+    chunk = None
+    if outcome["status"] == "included":
+        chunk = _WORKER["volume"][task.index].write(built.volume)
         outcome.update(n_slices=built.n_slices, rows=built.rows, columns=built.columns,
                        slice_spacing_mm=built.slice_spacing_mm,
                        effective_spacing_mm=built.effective_spacing_mm)
-    # The caller writes the done marker: it receives this outcome only now, after the
-    # chunk write completed, so a marker can never precede its chunk.
+    _WORKER["pending"] = (chunk, outcome)
     return outcome
 
 
@@ -275,22 +324,21 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
     shard_i, shard_n = shard
     _prepare_dataset(out, len(series), config, fingerprint, overwrite)
     done = read_markers(out)
-    tasks = [Task(i, row["series_key"], tuple(files[row["series_key"]]))
+    tasks = [Task(i, row["series_key"], tuple(files[row["series_key"]]),
+                  parse_orientation(row.get("orientation")))
              for i, row in enumerate(series)
              if i % shard_n == shard_i and i not in done]
     logging.info("%d series in the index; shard %d/%d has %d left to build (%d already done)",
                  len(series), shard_i, shard_n, len(tasks), len(done))
     options = options_from_config(config)
     fsync = bool(config.get("fsync", True))
-    markers = _kvstore(out, BUILD_PREFIX, _context(fsync))
-    pending: list = []
     start = time.perf_counter()
     outcomes: list[dict] = []
     if tasks:
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), unit="series", disable=not progress, desc="volumes")
         if workers <= 0:
-            _init_worker(out, dicom_root, options, fsync)
+            _init_worker(out, dicom_root, options, fsync, finalizer=False)
             results = map(_work, tasks)
             pool = None
         else:
@@ -301,23 +349,16 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
         try:
             for outcome in results:
                 outcomes.append(outcome)
-                # Asynchronous: the next series is built while the marker is written.
-                pending.append(markers.write(_marker_key(outcome["index"]),
-                                             json.dumps(outcome, sort_keys=True).encode()))
-                if len(pending) >= 256:
-                    for fut in pending:
-                        fut.result()
-                    pending.clear()
                 if outcome["status"] != "included":
                     logging.warning("series %d (%s): %s: %s", outcome["index"],
                                     outcome["series_key"][:12], outcome["reason"], outcome["message"])
                 bar.update(1)
-            for fut in pending:
-                fut.result()
+            if pool is None:
+                flush_worker()
         finally:
             bar.close()
             if pool is not None:
-                pool.close()
+                pool.close()  # workers finish their last write and marker as they exit
                 pool.join()
     seconds = time.perf_counter() - start
     run = {"shard": f"{shard_i}/{shard_n}", "series_this_run": len(outcomes),

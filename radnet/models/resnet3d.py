@@ -317,5 +317,12 @@ class ResNet3D(nn.Module):
                       padding_mode="same" if radnet else "symmetric", name=name,
                       **shared)(h, stage_train[name])
             features[name] = h
+            if 0 in h.shape[1:4]:
+                # 'valid' pooling of an axis of size 1 leaves 0 voxels: the mean would be NaN.
+                total = stage_strides(self.variant, self.dilated)["block4"]
+                raise ValueError(
+                    f"input (D, H, W) = {tuple(x.shape[1:4])} is too small for this encoder: "
+                    f"{name} is left with {tuple(h.shape[1:4])} voxels; each axis needs at "
+                    f"least its total stride {total}")
         embedding = jnp.mean(h.astype(jnp.float32), axis=(1, 2, 3))
         return embedding, features
