@@ -66,6 +66,13 @@ def to_model_input(windows_u8: np.ndarray) -> np.ndarray:
     return (np.asarray(windows_u8, np.float32) / 255.0)[..., None]
 
 
+def to_model_input_jnp(windows_u8):
+    """JAX twin of :func:`to_model_input`, for use inside jitted steps."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    return (jnp.asarray(windows_u8).astype(jnp.float32) * (1.0 / 255.0))[..., None]
+
+
 def propose_case(case_id: str, image_store, score_fn: ScoreFn, window_slices: int = 48,
                  stride: int = 8, threshold: float = 0.9, batch_size: int = 4) -> list[Window]:
     """Scores every window of one case (``image_store``: TensorStore/array ``[n, H, W]``)."""

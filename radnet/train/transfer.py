@@ -222,3 +222,33 @@ def pretrained_model_config(workdir: str) -> dict:
         return {}
     with open(path) as f:
         return dict(json.load(f).get("model", {}))
+
+
+def load_classifier(workdir: str, step: int | None = None):
+    """(model, ``{"params", "batch_stats"}``, step) of a pretraining run, for inference.
+
+    Reads ``config.json`` for the model and restores params and batch statistics only
+    (the optimizer state is left on disk) with the same partial Orbax restore.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: {workdir} is not a pretraining workdir")
+    with open(path) as f:
+        saved = json.load(f)
+    from radnet import models  # noqa: PLC0415
+
+    model = models.get(saved.get("model_name", "radnet"))(**saved.get("model", {}))
+    ocp, manager = _checkpoint_manager(workdir)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint step under {workdir}/checkpoints")
+        tree = manager.item_metadata(step)["state"]
+        tree = getattr(tree, "tree", tree)
+        wanted = {p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+                  for p, m in flatten(tree).items() if p[0] in ("params", "batch_stats")}
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=_unflatten(wanted), partial_restore=True)))["state"]
+    finally:
+        manager.close()
+    return model, {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}, step
