@@ -14,12 +14,22 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from radnet import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "Config file, optionally with an argument: configs/x.py:key=value,... Any field of the "
     "config can then be overridden with --config.<field>=value (e.g. --config.train.batch_size=4).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for a multi-process run outside Slurm/TPU pods/Open MPI "
+    "(those are detected from the environment).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with "
+                                      "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 "
+                                   "(with --coordinator_address).")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False,
     "Print the resolved config (after --config.<field>=value overrides) and the task it "
@@ -67,6 +77,8 @@ def main(argv):
         print(config.to_json_best_effort(indent=2, sort_keys=True))
         print(f"dispatch: task {config.task!r} -> {TASKS.get(config.task, '?')}")
         return 0
+    # Before any other JAX call (task modules may touch JAX at import): a no-op on one process.
+    distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         task_fn = resolve_task(config.task)
     except TaskUnavailable as e:

@@ -74,8 +74,12 @@ def _array_spec(path: str, name: str, shape, dtype: str, chunk, codecs, fill) ->
 
 def create(path: str, num_volumes: int, volume_shape=VOLUME_SHAPE, codec: str = DEFAULT_CODEC,
            label_chunk: int = 4096, attributes: dict | None = None,
-           context: ts.Context | None = None) -> dict[str, ts.TensorStore]:
-    """Creates (or overwrites) an empty dataset for ``num_volumes`` volumes."""
+           context: ts.Context | None = None, overwrite: bool = True) -> dict[str, ts.TensorStore]:
+    """Creates (or overwrites) an empty dataset for ``num_volumes`` volumes.
+
+    ``overwrite=False`` opens the arrays instead when they already exist with the same
+    metadata (a resumed or sharded build), and never deletes data.
+    """
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose from {sorted(CODECS)}")
     if num_volumes < 1:
@@ -92,11 +96,12 @@ def create(path: str, num_volumes: int, volume_shape=VOLUME_SHAPE, codec: str = 
     kv.write("zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
                                       "attributes": group_attrs}, indent=1).encode()).result()
     context = context or ts.Context()
+    existing = {"delete_existing": True} if overwrite else {"open": True}
     arrays = {
         "volume": ts.open(
             _array_spec(path, "volume", (num_volumes, *volume_shape), "uint8",
                         (1, *volume_shape), CODECS[codec], 0),
-            create=True, delete_existing=True, context=context).result()
+            create=True, **existing, context=context).result()
     }
     for name, (dtype, trailing, fill) in LABEL_ARRAYS.items():
         chunk = (min(label_chunk, num_volumes), *trailing)
@@ -104,7 +109,7 @@ def create(path: str, num_volumes: int, volume_shape=VOLUME_SHAPE, codec: str = 
             _array_spec(path, name, (num_volumes, *trailing), dtype, chunk,
                         [{"name": "bytes", "configuration": {"endian": "little"}}]
                         if np.dtype(dtype).itemsize > 1 else [{"name": "bytes"}], fill),
-            create=True, delete_existing=True, context=context).result()
+            create=True, **existing, context=context).result()
     return arrays
 
 

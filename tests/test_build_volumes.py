@@ -1,0 +1,363 @@
+"""data_prep.build_volumes: pixel rules on real DICOM files, the dataset, resume after kill -9.
+
+References are computed independently of the builder: scipy's map_coordinates for the
+linear resize (half-pixel centres), numpy for sorting and min-max.
+"""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import tensorstore as ts
+from pydicom.data import get_testdata_file
+from scipy import ndimage
+
+from configs import build_volumes as config_lib
+from data_prep import volume_builder, volume_core, volume_synth as synth
+from radnet import labels
+from radnet.data import schema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_uint8(truth: np.ndarray, shape) -> np.ndarray:
+    """The paper's preprocessing of a true volume [n, r, c], written independently."""
+    n = truth.shape[0]
+    padded = n < shape[0]
+    target = (n if padded else shape[0], shape[1], shape[2])
+    coords = np.meshgrid(*[np.clip((np.arange(o) + 0.5) * s / o - 0.5, 0, s - 1)
+                           for o, s in zip(target, truth.shape)], indexing="ij")
+    resized = ndimage.map_coordinates(truth.astype(np.float64), coords, order=1)
+    lo, hi = resized.min(), resized.max()
+    q = np.zeros(resized.shape) if hi == lo else np.rint((resized - lo) / (hi - lo) * 255)
+    out = np.zeros(shape, np.int64)
+    before = (shape[0] - n) // 2 if padded else 0
+    out[before:before + target[0]] = q
+    return out
+
+
+def opts(shape=(8, 16, 16), **kw):
+    return volume_core.VolumeOptions(volume_shape=shape, **{"min_slices": 2, **kw})
+
+
+# ------------------------------------------------------------------------- resizing
+
+
+def test_linear_taps_match_scipy_half_pixel_resize():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(13, 7))
+    for n_out in (4, 13, 29):
+        idx, w = volume_core.linear_taps(13, n_out)
+        got = volume_core.apply_taps(x, idx, w, 0)
+        centres = np.clip((np.arange(n_out) + 0.5) * 13 / n_out - 0.5, 0, 12)
+        ref = ndimage.map_coordinates(x, np.meshgrid(centres, np.arange(7), indexing="ij"), order=1)
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_antialias_suppresses_aliasing_when_shrinking():
+    stripes = np.tile([0.0, 1.0], 48)[None, :].repeat(4, 0)  # [4, 96] period 2
+    plain = volume_core.PlaneResizer(4, 32, antialias=False)(stripes)
+    smooth = volume_core.PlaneResizer(4, 32, antialias=True)(stripes)
+    assert plain.std() > 0.4  # plain linear hits single samples: the stripes alias at full contrast
+    assert smooth.std() < 0.1 and abs(smooth.mean() - 0.5) < 0.05
+    idx, w = volume_core.linear_taps(64, 16, antialias=True)
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
+
+
+def test_resample_follows_true_positions_and_rejects_gaps():
+    positions = np.array([0.0, 1.0, 2.1, 3.0, 4.0, 5.0, 6.0, 7.0])  # one slightly uneven gap
+    stack = positions[:, None, None] * np.ones((1, 2, 2))  # value = position along n
+    out = volume_core.resample_slices(stack.astype(np.float32), positions, 4)
+    # Output centres span the voxel extent [-0.5, 7.5] in four steps of 2 mm.
+    np.testing.assert_allclose(out[:, 0, 0], [0.5, 2.5, 4.5, 6.5], atol=1e-5)
+    assert volume_core.check_spacing(positions, 0.25) == pytest.approx(1.0)
+    with pytest.raises(volume_core.SeriesError, match="missing or misplaced") as err:
+        volume_core.check_spacing(np.array([0.0, 1.0, 2.0, 4.0, 5.0]), 0.25)
+    assert err.value.reason == "inconsistent_geometry"
+
+
+def test_quantisation_modes_and_constant_volume():
+    const = np.full((4, 3, 3), 37.5, np.float32)
+    for mode in ("minmax", "percentile"):
+        out = volume_core.to_uint8(const, opts(normalise=mode))
+        assert out.dtype == np.uint8 and not out.any()
+    ramp = np.linspace(-1000, 1000, 4 * 9, dtype=np.float32).reshape(4, 3, 3)
+    out = volume_core.to_uint8(ramp, opts())
+    assert out.min() == 0 and out.max() == 255
+    window = volume_core.to_uint8(ramp, opts(normalise="window", window_level=0.0, window_width=200.0))
+    assert np.all(window[ramp < -100] == 0) and np.all(window[ramp > 100] == 255)
+    with pytest.raises(ValueError, match="normalise"):
+        volume_core.to_uint8(ramp, opts(normalise="zscore"))
+
+
+# --------------------------------------------------------------- real DICOM files
+
+
+def ct5n_paths():
+    folder = os.path.dirname(get_testdata_file("dicomdirtests/98892001/CT5N/2062"))
+    return sorted((os.path.join(folder, f) for f in os.listdir(folder)), reverse=True)
+
+
+def test_ct5n_geometric_order_padded_not_stretched():
+    paths = ct5n_paths()
+    dss = [pydicom.dcmread(p) for p in paths]
+    z = np.array([float(d.ImagePositionPatient[2]) for d in dss])
+    inst = np.array([int(d.InstanceNumber) for d in dss])
+    # The trap: InstanceNumber rises while the position along n = (0, 0, 1) falls.
+    assert np.corrcoef(z, inst)[0, 1] < -0.99
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
+    truth = hu[np.argsort(z)]
+    built = volume_core.build_volume(paths, opts((8, 16, 16), min_slices=5))
+    assert built.n_slices == 5 and built.padded
+    assert built.effective_spacing_mm == pytest.approx(2.5)  # padded: original spacing
+    assert built.slice_spacing_mm == pytest.approx(2.5)
+    ref = reference_uint8(truth, (8, 16, 16))
+    assert np.abs(built.volume.astype(int) - ref).max() <= 1
+    assert not built.volume[0].any() and not built.volume[6:].any()  # blank padding, centred
+    by_instance = reference_uint8(hu[np.argsort(inst)], (8, 16, 16))
+    assert np.abs(built.volume.astype(int) - by_instance).max() > 50  # the wrong order differs
+    # With the paper's minimum of 16 slices the same series is refused, with the reason.
+    with pytest.raises(volume_core.SeriesError) as err:
+        volume_core.build_volume(paths, opts((8, 16, 16), min_slices=16))
+    assert err.value.reason == "too_few_slices"
+
+
+@pytest.mark.parametrize("orientation", [synth.AXIAL, synth.CORONAL, synth.SAGITTAL],
+                         ids=["axial", "coronal", "sagittal"])
+@pytest.mark.parametrize("enhanced", [False, True], ids=["classic", "enhanced"])
+@pytest.mark.parametrize("n_slices", [21, 6])
+def test_volume_matches_truth(tmp_path, orientation, enhanced, n_slices):
+    rng = np.random.default_rng(n_slices)
+    slopes = rng.choice([0.5, 1.0, 2.0], n_slices)
+    intercepts = rng.choice([-1024.0, -1000.0, 0.0], n_slices)
+    paths, truth = synth.write_body_series(
+        str(tmp_path), n_slices, 24, 20, orientation=orientation, slice_spacing_mm=3.0,
+        enhanced=enhanced, slopes=slopes, intercepts=intercepts, instance_order="reversed", rng=rng)
+    built = volume_core.build_volume(paths, opts((8, 12, 16)))
+    ref = reference_uint8(truth, (8, 12, 16))
+    assert np.abs(built.volume.astype(int) - ref).max() <= 2
+    assert (built.n_slices, built.rows, built.columns) == (n_slices, 24, 20)
+    expected = 3.0 if n_slices < 8 else 3.0 * n_slices / 8
+    assert built.effective_spacing_mm == pytest.approx(expected, rel=1e-4)
+
+
+def test_series_errors_carry_specific_reasons(tmp_path):
+    paths, _ = synth.write_body_series(str(tmp_path / "a"), 10, 8, 8, slice_spacing_mm=20.0)
+    with pytest.raises(volume_core.SeriesError) as err:
+        volume_core.build_volume(paths, opts((4, 8, 8)))
+    assert err.value.reason == "spacing_too_large" and err.value.info["effective_spacing_mm"] == 50.0
+    twice = paths + synth.write_body_series(str(tmp_path / "b"), 10, 8, 8, slice_spacing_mm=20.0)[0]
+    with pytest.raises(volume_core.SeriesError, match="share a position") as err:
+        volume_core.build_volume(twice, opts((4, 8, 8), max_effective_spacing_mm=100.0))
+    assert err.value.reason == "inconsistent_geometry"
+    bad = tmp_path / "truncated"
+    bad.write_bytes(Path(paths[0]).read_bytes()[:-100])  # pixel data cut short
+    with pytest.raises(volume_core.SeriesError) as err:
+        volume_core.build_volume(paths[1:] + [str(bad)], opts((4, 8, 8), max_effective_spacing_mm=100.0))
+    assert err.value.reason == "decode_failed" and str(tmp_path) not in err.value.message
+
+
+# ---------------------------------------------------------------------- the dataset
+
+
+def make_archive(root: Path, num_series: int = 6, n_slices=None, size: int = 32, seed: int = 0):
+    """A small archive + index; returns the truths per series key."""
+    rng = np.random.default_rng(seed)
+    dicom, series, truths = root / "dicom", [], {}
+    views = (synth.AXIAL, synth.CORONAL, synth.SAGITTAL)
+    for k in range(num_series):
+        n = n_slices or int(rng.integers(6, 40))
+        spacing = 30.0 if k == 3 else float(rng.choice([1.0, 2.5, 5.0]))
+        paths, truth = synth.write_body_series(
+            str(dicom / f"s{k}"), n, size, size, orientation=views[k % 3], slice_spacing_mm=spacing,
+            slopes=rng.choice([1.0, 2.0], n), enhanced=(k == 4), rng=rng)
+        key = f"{rng.bytes(8).hex()}"
+        truths[key] = truth
+        series.append(dict(series_key=key, paths=paths, patient_key=f"p{k % 4}",
+                           split=labels.SPLITS[k % 3], view=labels.VIEW[k % 3],
+                           coverage="liver;kidney" if k % 2 else ""))
+    bad = dicom / "s0" / "broken"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02" * 40)  # an unreadable file inside series 0
+    series[0]["paths"].append(str(bad))
+    synth.write_index(str(root / "index"), str(dicom), series)
+    return truths
+
+
+def tiny_config(**kw):
+    config = config_lib.get_config("tiny")
+    config.volume_shape = (8, 16, 16)
+    config.min_slices = 4
+    config.update(kw)
+    return config
+
+
+def read_dataset(path) -> dict:
+    arrays = schema.open_arrays(str(path))
+    out = {name: arr.read().result() for name, arr in arrays.items()}
+    for name in ("manifest.csv", "errors.csv", "summary.json"):
+        out[name] = (Path(path) / name).read_text()
+    return out
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], np.ndarray):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        else:
+            assert a[name] == b[name], name
+
+
+def test_build_writes_dataset_manifest_and_reasons(tmp_path):
+    truths = make_archive(tmp_path)
+    out = tmp_path / "ds"
+    run = volume_builder.build(str(tmp_path / "index"), str(tmp_path / "dicom"), str(out),
+                               tiny_config(), workers=0, progress=False)
+    assert run["finalized"] and run["dataset"]["num_series"] == 6
+    data = read_dataset(out)
+    rows = list(csv.DictReader(data["manifest.csv"].splitlines()))
+    assert list(rows[0]) == list(volume_builder.MANIFEST_COLUMNS)
+    assert [r["series_key"] for r in rows] == sorted(truths)
+    for i, r in enumerate(rows):
+        assert int(r["index"]) == i
+        if r["status"] == "included":
+            ref = reference_uint8(truths[r["series_key"]], (8, 16, 16))
+            assert np.abs(data["volume"][i].astype(int) - ref).max() <= 2
+            assert data["split"][i] == labels.split_index(r["split"])
+            assert data["effective_spacing_mm"][i] == pytest.approx(float(r["effective_spacing_mm"]), abs=1e-3)
+        else:
+            assert data["split"][i] == -1 and r["split"] == ""
+            assert not data["volume"][i].any()
+        assert data["view"][i] == labels.to_index("view", r["view"])
+        assert list(data["coverage"][i]) == labels.coverage_to_multihot(r["coverage"])
+    reasons = {r["reason"] for r in rows if r["status"] == "excluded"}
+    assert reasons == {"decode_failed", "spacing_too_large"}
+    # No PHI and no paths anywhere in the outputs.
+    for name in ("manifest.csv", "errors.csv", "summary.json"):
+        assert str(tmp_path) not in data[name] and "SYNTH" not in data[name] and "dicom" not in data[name]
+    # Readable by zarr-python and plain TensorStore alike.
+    zarr = pytest.importorskip("zarr")
+    group = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(group["volume"][:], data["volume"])
+    assert group.attrs["volume_shape"] == [8, 16, 16]
+    plain = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "split")}}).result()
+    np.testing.assert_array_equal(plain.read().result(), data["split"])
+
+
+def test_shards_and_resume_reproduce_single_build(tmp_path):
+    make_archive(tmp_path, num_series=5, n_slices=10)
+    index, dicom = str(tmp_path / "index"), str(tmp_path / "dicom")
+    volume_builder.build(index, dicom, str(tmp_path / "one"), tiny_config(), progress=False)
+    sharded = str(tmp_path / "sharded")
+    first = volume_builder.build(index, dicom, sharded, tiny_config(), shard=(0, 2), progress=False)
+    assert not first["finalized"]
+    # Before the last shard finishes, nothing is usable for training.
+    assert np.all(schema.read_labels(sharded)["split"] == -1)
+    second = volume_builder.build(index, dicom, sharded, tiny_config(), shard=(1, 2), workers=2,
+                                  progress=False)
+    assert second["finalized"] and second["series_this_run"] == 2
+    assert_same(read_dataset(tmp_path / "one"), read_dataset(sharded))
+    again = volume_builder.build(index, dicom, sharded, tiny_config(), progress=False)
+    assert again["series_this_run"] == 0
+    with pytest.raises(ValueError, match="--overwrite"):
+        volume_builder.build(index, dicom, sharded, tiny_config(normalise="percentile"), progress=False)
+
+
+def test_kill_minus_9_then_rerun_gives_identical_dataset(tmp_path):
+    make_archive(tmp_path, num_series=24, n_slices=12, size=48)
+    index, dicom = str(tmp_path / "index"), str(tmp_path / "dicom")
+    reference = tmp_path / "uninterrupted"
+    volume_builder.build(index, dicom, str(reference), tiny_config(), progress=False)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "data_prep.build_volumes", f"--index={index}",
+           f"--dicom_root={dicom}", f"--out={out}", "--workers=2", "--no_progress",
+           "--config=configs/build_volumes.py:tiny", "--config.volume_shape=(8,16,16)"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = out / "_build" / "done"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(list(markers.glob("*.json"))) >= 3:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, mid-build
+    assert proc.wait() == -signal.SIGKILL, "the build ended before it could be killed"
+    done_at_kill = len(list(markers.glob("*.json")))  # not TensorStore's temporary files
+    assert 3 <= done_at_kill < 24
+    assert not (out / "manifest.csv").exists()
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["finalized"] and summary["series_this_run"] == 24 - done_at_kill
+    assert_same(read_dataset(reference), read_dataset(out))
+
+
+# --------------------------------------------------------------- phantom acceptance
+
+
+@pytest.fixture(scope="module")
+def phantom_archive(tmp_path_factory):
+    phantoms = pytest.importorskip("data_prep.phantoms")
+    out = tmp_path_factory.mktemp("phantom_pacs")
+    phantoms.generate(str(out), patients=3, seed=0, lits_cases=0, workers=1)
+    return out
+
+
+def phantom_index(archive: Path, index_dir: Path) -> list[dict]:
+    """An index of the phantom's included series straight from truth.csv.
+
+    Independent of data_prep.index: a series is the files of its first file's folder
+    with the first file's SeriesInstanceUID (folders may hold two series).
+    """
+    truth = [r for r in csv.DictReader(open(archive / "truth.csv")) if r["status"] == "included"]
+    dicom = archive / "dicom"
+    series = []
+
+    def uid(path):
+        return pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
+
+    for r in truth:
+        first = dicom / r["first_file"]
+        paths = [str(p) for p in sorted(first.parent.iterdir()) if uid(p) == uid(first)]
+        series.append(dict(series_key=r["series_id"], paths=paths,
+                           sequence=r["sequence"], view=r["view"], contrast=r["contrast"],
+                           coverage=r["coverage"], split="train"))
+    synth.write_index(str(index_dir), str(dicom), series)
+    return truth
+
+
+def test_phantom_pacs_volumes_match_reference(phantom_archive, tmp_path):
+    from data_prep.phantoms import reference_volume
+
+    truth = phantom_index(phantom_archive, tmp_path / "index")
+    assert {r["view"] for r in truth} == set(labels.VIEW)
+    shape = (48, 32, 32)  # the paper's 48 slices, so truth's effective spacing applies
+    config = config_lib.get_config("size=32")
+    run = volume_builder.build(str(tmp_path / "index"), str(phantom_archive / "dicom"),
+                               str(tmp_path / "ds"), config, workers=0, progress=False)
+    assert run["finalized"]
+    data = read_dataset(tmp_path / "ds")
+    rows = list(csv.DictReader(data["manifest.csv"].splitlines()))
+    by_id = {r["series_id"]: r for r in truth}
+    for i, r in enumerate(rows):
+        t = by_id[r["series_key"]]
+        assert r["status"] == "included", (r["series_key"], r["reason"])
+        ref = reference_volume(str(phantom_archive), r["series_key"])
+        assert int(r["n_slices"]) == ref.shape[0] and (int(r["rows"]), int(r["columns"])) == ref.shape[1:]
+        assert float(r["slice_spacing_mm"]) == pytest.approx(float(t["slice_spacing_mm"]), abs=0.01)
+        expected = reference_uint8(ref, shape)
+        got = data["volume"][i].astype(int)
+        diff = np.abs(got - expected).max()
+        corr = np.corrcoef(got.ravel(), expected.ravel())[0, 1]
+        assert diff <= 2 or corr >= 0.99, (r["series_key"], diff, corr)
+        assert diff <= 2, (r["series_key"], diff)  # same interpolation: must agree closely
+        assert float(r["effective_spacing_mm"]) == pytest.approx(float(t["effective_spacing_mm"]), abs=0.01)

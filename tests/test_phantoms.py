@@ -1,0 +1,318 @@
+"""The phantom PACS: files decode, geometry holds, truth agrees with headers, determinism."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import filecmp
+import math
+import os
+
+import numpy as np
+import pydicom
+import pytest
+
+from data_prep import phantom_physics as PH
+from data_prep import phantom_anatomy as A
+from data_prep import phantom_protocols as P
+from data_prep import phantoms
+from radnet import labels
+
+N_PATIENTS = 5   # 3 special cases per patient: 5 patients exercise all 14
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("phantoms"))
+    phantoms.generate(out, patients=N_PATIENTS, seed=0, lits_cases=2, workers=1)
+    return out
+
+
+def _truth(out):
+    with open(os.path.join(out, "truth.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _all_files(out):
+    root = os.path.join(out, "dicom")
+    for d, _, files in os.walk(root):
+        for name in files:
+            yield os.path.relpath(os.path.join(d, name), root).replace(os.sep, "/")
+
+
+def _read_series(out):
+    """{SeriesInstanceUID: [datasets]} of every readable file, plus unreadable paths."""
+    series = collections.defaultdict(list)
+    unreadable = []
+    for rel in _all_files(out):
+        try:
+            ds = pydicom.dcmread(os.path.join(out, "dicom", rel))
+        except Exception:  # noqa: BLE001 - any failure to parse counts as unreadable
+            unreadable.append(rel)
+            continue
+        if "SOPClassUID" not in ds:
+            # pydicom reads a file cut inside its meta group as an empty dataset
+            unreadable.append(rel)
+            continue
+        ds.rel_path = rel
+        series[ds.SeriesInstanceUID].append(ds)
+    return series, unreadable
+
+
+@pytest.fixture(scope="module")
+def headers(archive):
+    return _read_series(archive)
+
+
+def _by_first_file(series):
+    return {min(d.rel_path for d in dss): dss for dss in series.values()}
+
+
+def test_truth_columns_and_vocabulary(archive):
+    rows = _truth(archive)
+    with open(os.path.join(archive, "truth.csv")) as f:
+        assert f.readline().strip() == ",".join(phantoms.TRUTH_COLUMNS)
+    assert len({r["series_id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["sequence"] in labels.SEQUENCE + ("",)
+        assert r["view"] in labels.VIEW + ("",)
+        assert r["contrast"] in labels.CONTRAST + ("",)
+        cov = [c for c in r["coverage"].split(";") if c]
+        assert cov == [c for c in labels.COVERAGE if c in cov], r
+        reasons = [x for x in r["reasons"].split(";") if x]
+        assert reasons == sorted(reasons, key=labels.EXCLUSION_REASONS.index), r
+        assert (r["status"] == "included") == (not reasons)
+        if r["slice_spacing_mm"]:
+            n_eff = float(r["effective_spacing_mm"])
+            assert n_eff >= float(r["slice_spacing_mm"]) - 1e-6
+            assert ("spacing_too_large" in reasons) == (n_eff > 15.0)
+    found = {x for r in rows for x in r["reasons"].split(";") if x}
+    assert found >= {"unreadable", "not_image", "too_few_slices", "inconsistent_geometry",
+                     "missing_description", "excluded_sequence", "time_series",
+                     "non_standard_view", "spacing_too_large"}, found
+    included = [r for r in rows if r["status"] == "included"]
+    assert {r["sequence"] for r in included} >= {"CT", "T1-SE", "T2-SE"}
+    assert any(r["status"] == "included" and r["coverage"] == "" for r in rows), \
+        "a truncated single-region scan (included, no region covered) is expected"
+
+
+def test_every_file_reads_and_decodes(archive, headers):
+    rows = _truth(archive)
+    series, unreadable = headers
+    junk = {r["first_file"] for r in rows if r["reasons"] == "unreadable"}
+    assert set(unreadable) == junk
+    first_files = _by_first_file(series)
+    assert set(first_files) | junk == {r["first_file"] for r in rows}, "every file belongs to a truth row"
+    n = 0
+    for dss in series.values():
+        for ds in dss:
+            if "PixelData" in ds:
+                arr = ds.pixel_array
+                assert arr.shape == (ds.Rows, ds.Columns)
+                n += 1
+    assert n > 200
+
+
+def _normal(ds):
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    return iop[:3], iop[3:], np.cross(iop[:3], iop[3:])
+
+
+def test_geometry_of_included_series(archive, headers):
+    by_first = _by_first_file(headers[0])
+    for r in _truth(archive):
+        if r["status"] != "included":
+            continue
+        dss = by_first[r["first_file"]]
+        rc, cc, n = _normal(dss[0])
+        assert abs(rc @ cc) < 1e-5 and abs(np.linalg.norm(n) - 1) < 1e-5
+        for ds in dss:
+            assert np.allclose(_normal(ds)[2], n, atol=1e-5)
+            assert ds.Rows == dss[0].Rows and ds.PixelSpacing == dss[0].PixelSpacing
+        pos = sorted(float(np.array([float(v) for v in ds.ImagePositionPatient]) @ n) for ds in dss)
+        gaps = np.diff(pos)
+        spacing = float(r["slice_spacing_mm"])
+        assert np.allclose(gaps, spacing, atol=2e-3), (r["series_id"], gaps[:5], spacing)
+        assert len(dss) >= 16
+        eff = spacing * len(dss) / 48 if len(dss) > 48 else spacing
+        assert float(r["effective_spacing_mm"]) == pytest.approx(eff, abs=1e-3)
+        view = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(n)))]
+        assert r["view"] == view
+
+
+def _header_sequence(ds):
+    if ds.Modality == "CT":
+        return "CT"
+    ss = ds.ScanningSequence
+    ss = list(ss) if isinstance(ss, pydicom.multival.MultiValue) else [ss]
+    tr, te = float(ds.RepetitionTime), float(ds.EchoTime)
+    if "EP" in ss or "GR" in ss:
+        return ""
+    if "IR" in ss:
+        ti = float(ds.InversionTime)
+        if ti < 300:
+            return ""       # STIR
+        return "T1-FLAIR" if te < 40 else "T2-FLAIR"
+    return "T1-SE" if (tr < 1000 and te < 40) else "T2-SE" if (tr > 2000 and te > 60) else "?"
+
+
+def test_truth_agrees_with_headers(archive, headers):
+    by_first = _by_first_file(headers[0])
+    anat_regions = A.REGION_Z_MM
+    for r in _truth(archive):
+        if r["reasons"] in ("unreadable",):
+            continue
+        dss = by_first[r["first_file"]]
+        ds = dss[0]
+        if r["reasons"] == "not_image":
+            assert "PixelData" not in ds and ds.Modality in ("SR", "RTSTRUCT")
+            continue
+        assert r["sequence"] == _header_sequence(ds), r["series_id"]
+        agent = str(ds.get("ContrastBolusAgent", "") or "").strip()
+        desc = str(ds.get("SeriesDescription", "") or "")
+        said = agent != "" or any(k in desc for k in ("C+", "POST", "GAD"))
+        assert (r["contrast"] == "contrast") == said, r["series_id"]
+        assert ("missing_description" in r["reasons"]) == (desc.strip() == "")
+        named = P.named_regions(ds.get("StudyDescription"), desc, ds.get("ProtocolName"),
+                                ds.get("BodyPartExamined"))
+        cov = [c for c in r["coverage"].split(";") if c]
+        assert set(cov) <= set(named), (r["series_id"], cov, named)
+        # superior–inferior extent from the headers' corners covers each region's length
+        zs = []
+        for d in dss:
+            ipp = np.array([float(v) for v in d.ImagePositionPatient])
+            rc, cc, _ = _normal(d)
+            dr, dc = (float(v) for v in d.PixelSpacing)
+            for a in (0, d.Columns - 1):
+                for b in (0, d.Rows - 1):
+                    zs.append((ipp + a * dc * rc + b * dr * cc)[2])
+        extent = max(zs) - min(zs)
+        for c in cov:
+            lo, hi = anat_regions[c]
+            assert extent >= A.MIN_REGION_LENGTH_MM[c]
+        if r["status"] == "included" and r["coverage"]:
+            assert set(cov) == set(named), "included full scans cover all the regions they name"
+        if "time_series" in r["reasons"]:
+            assert int(ds.NumberOfTemporalPositions) > 1
+        assert ("too_few_slices" in r["reasons"]) == (
+            len({round(float(np.array([float(v) for v in d.ImagePositionPatient]) @ _normal(d)[2]), 2)
+                 for d in dss}) < 16 or len(dss) < 16)
+
+
+def test_reference_volume_matches_files(archive, headers):
+    by_first = _by_first_file(headers[0])
+    rows = [r for r in _truth(archive) if r["status"] == "included"]
+    picked = {}
+    for r in rows:   # one of each sequence and view
+        picked.setdefault((r["sequence"], r["view"]), r)
+    for r in picked.values():
+        dss = by_first[r["first_file"]]
+        n = _normal(dss[0])[2]
+        dss = sorted(dss, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ n))
+        files = np.stack([d.pixel_array.astype(np.float32) * float(d.get("RescaleSlope", 1))
+                          + float(d.get("RescaleIntercept", 0)) for d in dss])
+        ref = phantoms.reference_volume(archive, r["series_id"])
+        assert ref.dtype == np.float32 and ref.shape == files.shape
+        np.testing.assert_allclose(ref, files, atol=1e-3)
+    with pytest.raises(KeyError):
+        phantoms.reference_volume(archive, "p999_st1_se1")
+
+
+def test_same_seed_same_bytes_other_seed_differs(archive, tmp_path):
+    a, b, c = (str(tmp_path / x) for x in "abc")
+    phantoms.generate(a, patients=2, seed=0, lits_cases=0, workers=2)
+    phantoms.generate(b, patients=2, seed=0, lits_cases=0, workers=1)
+    phantoms.generate(c, patients=2, seed=1, lits_cases=0, workers=1)
+    with open(os.path.join(a, "truth.csv"), "rb") as fa, open(os.path.join(b, "truth.csv"), "rb") as fb:
+        truth_a = fa.read()
+        assert truth_a == fb.read()
+    files_a = sorted(_all_files(a))
+    assert files_a == sorted(_all_files(b))
+    _, mismatch, errors = filecmp.cmpfiles(os.path.join(a, "dicom"), os.path.join(b, "dicom"),
+                                           files_a, shallow=False)
+    assert not mismatch and not errors
+    # Patients do not depend on how many were generated: p000/p001 equal the fixture's.
+    big = [r for r in _truth(archive) if r["series_id"][:4] in ("p000", "p001")]
+    assert big == _truth(a)
+    with open(os.path.join(c, "truth.csv"), "rb") as fc:
+        assert fc.read() != truth_a
+
+
+def test_fake_identities_only(headers):
+    series, _ = headers
+    fake = set(phantoms.FAKE_IDENTITIES)
+    for dss in series.values():
+        for ds in dss:
+            for kw in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName"):
+                assert str(ds.get(kw, "")) in fake, (kw, ds.get(kw))
+            for elem in ds.iterall():
+                if elem.VR == "PN" and elem.keyword != "PatientName":
+                    assert not str(elem.value or "").strip(), elem
+    # patients are told apart by their IDs
+    ids = {ds.PatientID for dss in series.values() for ds in dss}
+    assert len(ids) == N_PATIENTS
+
+
+def test_collections_csv(archive):
+    with open(os.path.join(archive, "collections.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = {r["collection"] for r in rows}
+    tops = {p.split("/")[0] for p in _all_files(archive)}
+    assert tops <= names
+    for r in rows:
+        assert r["collection"].startswith("PHANTOM-")
+        assert set(r["body_locations"].split(";")) <= set(labels.COVERAGE)
+
+
+def test_tissue_contrast_follows_physics():
+    t1 = PH.mr_table("SE", 500, 12, None, 90, False)
+    t2 = PH.mr_table("SE", 4000, 100, None, 90, False)
+    flair = PH.mr_table("IR", 9000, 120, 2500, 90, False)
+    t1_gad = PH.mr_table("SE", 500, 12, None, 90, True)
+    assert t1[A.FAT] > t1[A.WM] > t1[A.GM] > t1[A.CSF]           # T1: fat bright, fluid dark
+    assert t2[A.CSF] > t2[A.GM] > t2[A.WM]                        # T2: fluid bright
+    assert flair[A.CSF] < 0.3 * flair[A.WM]                       # FLAIR: fluid suppressed
+    assert t1_gad[A.BLOOD] > 3 * t1[A.BLOOD] and t1_gad[A.KIDNEY] > 1.2 * t1[A.KIDNEY]
+    assert t1_gad[A.WM] == t1[A.WM]                               # blood–brain barrier
+    ct, ct_c = PH.ct_table(False), PH.ct_table(True)
+    assert 100 <= ct_c[A.BLOOD] - ct[A.BLOOD] <= 200 and ct_c[A.KIDNEY] - ct[A.KIDNEY] >= 100
+    assert ct[A.AIR] == -1000 and ct[A.FAT] < 0 < ct[A.MUSCLE] < ct[A.BONE]
+
+
+def test_lits_cases(archive):
+    nib = pytest.importorskip("nibabel")
+    for k in range(2):
+        vol = nib.load(os.path.join(archive, "lits", f"volume-{k}.nii"))
+        seg = nib.load(os.path.join(archive, "lits", f"segmentation-{k}.nii"))
+        assert isinstance(vol, nib.Nifti1Image) and vol.shape == seg.shape
+        assert np.allclose(vol.affine, seg.affine)
+        assert vol.shape[:2] == (128, 128) and 60 <= vol.shape[2] <= 300
+        assert nib.aff2axcodes(vol.affine)[:2] == ("L", "P")
+        dz = abs(vol.affine[2, 2])
+        assert 0.7 <= dz <= 5.0
+        s = np.asarray(seg.dataobj)
+        v = np.asarray(vol.dataobj)
+        assert set(np.unique(s)) == {0, 1, 2}
+        assert 80 < v[s == 1].mean() < 200                 # enhanced liver, HU
+        assert v[s == 2].mean() < v[s == 1].mean() - 30    # hypodense tumour
+        # the whole liver lies inside the scan: no liver on the first or last slice
+        assert not s[:, :, 0].any() and not s[:, :, -1].any()
+    d0 = abs(nib.load(os.path.join(archive, "lits", "volume-0.nii")).affine[2, 2])
+    d1 = abs(nib.load(os.path.join(archive, "lits", "volume-1.nii")).affine[2, 2])
+    assert d0 != d1
+
+
+def test_named_regions_table():
+    assert P.named_regions("CT CHEST ABD PELVIS W CONTRAST") == (
+        "lung", "liver", "kidney", "intestine", "pelvis")
+    assert P.named_regions("MRI BRAIN W/WO") == ("brain",)
+    assert P.named_regions("CT NECK SOFT TISSUE") == ("upper_head_neck", "lower_head_neck")
+    assert P.named_regions("CT SINUS WO CONTRAST") == ("upper_head_neck",)
+    assert P.named_regions("CT ABDOMEN W CONTRAST") == ("liver", "kidney")
+    assert P.named_regions("AX T2 FSE") == ()
+
+
+def test_generate_rejects_bad_patient_count(tmp_path):
+    with pytest.raises(ValueError, match="patients"):
+        phantoms.generate(str(tmp_path), patients=0)
+    assert math.isfinite(P.effective_spacing(5.0, 100))
