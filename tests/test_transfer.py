@@ -5,6 +5,7 @@ pretraining layout (WORKDIR/checkpoints, item 'state' = {step, params, batch_sta
 opt_state}) and the real train step of radnet.train.segment.
 """
 
+import functools
 import json
 import os
 
@@ -42,11 +43,24 @@ def save_pretraining(workdir, params, batch_stats, model_cfg, step=7):
     mngr.close()
 
 
+@functools.lru_cache(maxsize=None)
+def radnet_init(width=4):
+    """Tiny 3D-RADNet variables (cached: initialising compiles slowly on CPU)."""
+    model = models.get("radnet")(**dict(ENC, width=width, hidden=8))
+    return model.init(jax.random.key(1), jnp.zeros(SHAPE), train=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _vnet_init():
+    model = models.get("vnet")(**ENC, num_classes=2, decoder_width=4)
+    v = model.init(jax.random.key(5), jnp.zeros(SHAPE), train=False)
+    return {"params": v["params"], "batch_stats": v["batch_stats"]}
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     cfg = dict(ENC, hidden=8)
-    model = models.get("radnet")(**cfg)
-    v = model.init(jax.random.key(1), jnp.zeros(SHAPE), train=False)
+    v = radnet_init()
     params, stats = _perturb(v["params"], 2), _perturb(v["batch_stats"], 3)
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     save_pretraining(workdir, params, stats, cfg)
@@ -54,9 +68,9 @@ def pretrained(tmp_path_factory):
 
 
 def _vnet_variables(frozen=()):
+    # The variables do not depend on frozen_stages (it only switches batch-norm modes).
     model = models.get("vnet")(**ENC, num_classes=2, decoder_width=4, frozen_stages=frozen)
-    v = model.init(jax.random.key(5), jnp.zeros(SHAPE), train=False)
-    return model, {"params": v["params"], "batch_stats": v["batch_stats"]}
+    return model, _vnet_init()
 
 
 def _flat(tree):
@@ -101,8 +115,7 @@ def test_renamed_layer_raises_with_its_name(tmp_path, pretrained):
 
 def test_misshaped_encoder_lists_every_parameter(tmp_path):
     wide = dict(ENC, width=8, hidden=8)
-    model = models.get("radnet")(**wide)
-    v = model.init(jax.random.key(0), jnp.zeros(SHAPE), train=False)
+    v = radnet_init(width=8)
     workdir = str(tmp_path / "wide")
     save_pretraining(workdir, v["params"], v["batch_stats"], wide)
     _, fresh = _vnet_variables()
