@@ -52,10 +52,10 @@ def get_config(arg=None):
         config.train.update(batch_size=2, num_steps=4, eval_every=2, log_every=1, lr=1e-3)
         config.eval.batch_size = 2
     if arg.demo:
-        # Phantom cases on 2 CPU cores: a few hundred steps of a small model.
-        config.proposal.update(window_slices=16, stride=8, batch_size=4)
-        config.train.update(batch_size=2, num_steps=150, eval_every=50, log_every=25, lr=3e-3)
-        config.eval.batch_size = 4
+        # Phantom cases on 2 CPU cores (encoder from the demo pretraining, 48×64×64).
+        config.model.decoder_width = 8
+        config.train.update(batch_size=2, num_steps=60, eval_every=20, log_every=10, lr=1e-3)
+        config.eval.batch_size = 2
     if arg.steps > 0:
         config.train.num_steps = arg.steps
     return config

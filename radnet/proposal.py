@@ -151,3 +151,35 @@ def scorer_from_workdir(workdir: str, step: int | None = None) -> ScoreFn:
     config, variables = checkpoint.load_for_inference(workdir, step=step)
     model = models.get(config.model_name)(**config.model)
     return radnet_liver_scorer(model, variables)
+
+
+def main(argv):
+    """``python -m radnet.proposal --config=configs/liver.py:dataset=..,pretrained=.. --out=CSV``"""
+    import json  # noqa: PLC0415
+
+    from absl import flags  # noqa: PLC0415
+
+    from data_prep import lits  # noqa: PLC0415
+    from radnet.train import transfer  # noqa: PLC0415
+
+    del argv
+    config = flags.FLAGS.config
+    p = config.proposal
+    step = None if config.pretrained_step < 0 else config.pretrained_step
+    model, variables, step = transfer.load_classifier(config.pretrained_workdir, step)
+    windows = propose(config.dataset, lits.cases(config.dataset), radnet_liver_scorer(model, variables),
+                      p.window_slices, p.stride, p.threshold, p.batch_size, progress=True)
+    write_csv(flags.FLAGS.out, windows)
+    selected = sum(w.selected for ws in windows.values() for w in ws)
+    print(json.dumps({"cases": len(windows), "windows": sum(map(len, windows.values())),
+                      "selected": selected, "pretrained_step": step, "out": flags.FLAGS.out}))
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/liver.py[:args]", lock_config=True)
+    flags.DEFINE_string("out", None, "proposals.csv to write", required=True)
+    app.run(main)
