@@ -30,6 +30,10 @@ def get_config(arg=None):
     # One gap deviating from the median gap by more than this fraction = a missing or
     # misplaced slice → inconsistent_geometry.
     config.max_spacing_deviation = 0.25
+    # Largest angle (degrees) between the cosines of two slices of one series: the same
+    # as the index's orientation_group_deg (configs/index.py), so the builder's re-check
+    # agrees with the index's grouping into series.
+    config.max_orientation_deviation_deg = 1.0
     # In-plane triangle anti-aliasing when shrinking (paper: plain linear resize).
     config.antialias = arg.antialias
     # minmax (paper) | percentile (robust min/max) | window (fixed CT window, HU)

@@ -47,6 +47,16 @@ class Task:
     index: int
     series_key: str
     paths: tuple[str, ...]  # relative to dicom_root, '/'-separated (never logged)
+    orientation: tuple[float, ...] | None = None  # the index's 6 cosines, if given
+
+
+def parse_orientation(text: str | None) -> tuple[float, ...] | None:
+    """series.csv ``orientation`` (6 cosines ';'-joined) → floats; None if absent or malformed."""
+    try:
+        values = tuple(float(v) for v in (text or "").split(";"))
+    except ValueError:
+        return None
+    return values if len(values) == 6 and all(math.isfinite(v) for v in values) else None
 
 
 def options_from_config(config) -> volume_core.VolumeOptions:
@@ -55,6 +65,7 @@ def options_from_config(config) -> volume_core.VolumeOptions:
         min_slices=int(config.min_slices),
         max_effective_spacing_mm=float(config.max_effective_spacing_mm),
         max_spacing_deviation=float(config.max_spacing_deviation),
+        max_orientation_deviation_deg=float(config.get("max_orientation_deviation_deg", 1.0)),
         antialias=bool(config.antialias),
         normalise=str(config.normalise),
         percentiles=tuple(float(p) for p in config.percentiles),
@@ -152,7 +163,12 @@ def _work(task: Task) -> dict:
                "slice_spacing_mm": None, "effective_spacing_mm": None,
                "bytes_read": int(sum(os.path.getsize(p) for p in abs_paths if os.path.exists(p)))}
     try:
-        built = volume_core.build_volume(abs_paths, options)
+        if not abs_paths:
+            # files.csv lists no file under this key: e.g. a multi-frame file whose
+            # frames the index split into several series is listed under one of them.
+            raise volume_core.SeriesError("decode_failed", "files.csv lists no included file "
+                                          "for this series")
+        built = volume_core.build_volume(abs_paths, options, orientation=task.orientation)
     except volume_core.SeriesError as err:
         outcome.update(status="excluded", reason=err.reason,
                        message=_scrub(err.message, abs_paths, root), **err.info)
@@ -275,7 +291,8 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
     shard_i, shard_n = shard
     _prepare_dataset(out, len(series), config, fingerprint, overwrite)
     done = read_markers(out)
-    tasks = [Task(i, row["series_key"], tuple(files[row["series_key"]]))
+    tasks = [Task(i, row["series_key"], tuple(files[row["series_key"]]),
+                  parse_orientation(row.get("orientation")))
              for i, row in enumerate(series)
              if i % shard_n == shard_i and i not in done]
     logging.info("%d series in the index; shard %d/%d has %d left to build (%d already done)",

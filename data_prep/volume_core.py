@@ -7,6 +7,9 @@ rules can be tested on small hand-made series:
    RescaleSlope/Intercept (classic files: per file; enhanced multi-frame: per frame
    from the functional groups) and resized in-plane at once, so a worker never
    holds more than one full-resolution frame beside the already shrunk series;
+   pixel padding (PixelPaddingValue/RangeLimit, compared with the stored values) is
+   filled with the series' least real value, so it neither becomes a grey level of its
+   own nor squashes the contrast;
 2. frames are ordered by their position along the slice normal
    n = row cosines × column cosines (never by InstanceNumber or file order) and the
    spacing is re-checked from those positions;
@@ -28,10 +31,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
 
-# Tolerances of the geometry re-check. Cosines are stored as decimal strings with a few
-# digits, so orientations of one series agree to ~1e-4; a real tilt differs by far more.
-ORIENTATION_TOLERANCE = 1e-3
 # Two frames closer than this along the normal are the same slice position (a repeated
 # acquisition or a time series), which cannot be ordered into one volume.
 DUPLICATE_POSITION_MM = 1e-3
@@ -57,6 +58,11 @@ class VolumeOptions:
     # Relative deviation of one slice gap from the median gap that counts as a
     # missing or misplaced slice (re-check of the index's spacing).
     max_spacing_deviation: float = 0.25
+    # Largest angle (degrees) between the row (or column) cosines of two slices of one
+    # series; the index groups slices into series with the same angle, so the re-check
+    # never rejects a series the index formed (at 1° and 200 mm from the centre the
+    # stacked planes are off by 3.5 mm, under two output voxels of a 400 mm field).
+    max_orientation_deviation_deg: float = 1.0
     antialias: bool = False  # in-plane triangle filter when shrinking (paper: off)
     normalise: str = "minmax"  # minmax | percentile | window
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -221,13 +227,68 @@ def to_uint8(volume: np.ndarray, options: VolumeOptions) -> np.ndarray:
 
 @dataclasses.dataclass
 class Frame:
-    """One decoded image plane, already resized in-plane."""
+    """One decoded image plane, already resized in-plane.
+
+    With pixel padding (see :class:`Padding`) the padded pixels are left out of
+    ``pixels`` (they count as 0) and ``pad_fraction`` says how much of each output pixel
+    they cover, so the series can fill them with one value once every frame is read:
+    filled = pixels + value × pad_fraction (exact, the resize being linear).
+    """
 
     position: np.ndarray  # [3] ImagePositionPatient, mm
     orientation: np.ndarray  # [6] ImageOrientationPatient (row cosines, column cosines)
     rows: int
     columns: int
     pixels: np.ndarray  # float32 [out_rows, out_cols], physical values (HU for CT)
+    pad_fraction: np.ndarray | None = None  # float32 [out_rows, out_cols]; None: no padding
+    min_value: float | None = None  # least non-padded physical value; None: all padded
+
+
+@dataclasses.dataclass(frozen=True)
+class Padding:
+    """Pixel Padding Value (0028,0120) and Range Limit (0028,0121), PS3.3 C.7.5.1.1.2.
+
+    Padding marks pixels that are no image (GE CT writes -2000 outside the
+    reconstruction circle). Both are compared with the STORED values, before any
+    rescale; with a range limit every stored value between the two (inclusive, in
+    either order) is padding.
+    """
+
+    low: int
+    high: int
+
+    @classmethod
+    def from_dataset(cls, ds) -> "Padding | None":
+        if "PixelPaddingValue" not in ds:
+            return None
+        # The two attributes take the pixel data's signedness (VR US or SS); a file that
+        # encodes them with the other VR gets its bit pattern read back the right way.
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+
+        def value(keyword):
+            v = ds[keyword].value
+            if isinstance(v, (list, tuple, MultiValue)):
+                v = v[0]
+            v = int(v)
+            if signed and v >= 1 << (bits - 1):
+                v -= 1 << bits
+            elif not signed and v < 0:
+                v += 1 << bits
+            return v
+
+        try:
+            pad = value("PixelPaddingValue")
+            limit = value("PixelPaddingRangeLimit") if "PixelPaddingRangeLimit" in ds else pad
+        except (TypeError, ValueError, IndexError):
+            return None  # an unreadable padding attribute cannot be honoured: no padding
+        return cls(min(pad, limit), max(pad, limit))
+
+    def mask(self, stored: np.ndarray) -> np.ndarray:
+        """bool [rows, cols]: which stored values are padding."""
+        if self.low == self.high:
+            return stored == self.low
+        return (stored >= self.low) & (stored <= self.high)
 
 
 def _floats(value, count: int, what: str) -> np.ndarray:
@@ -279,6 +340,59 @@ def _decode(ds, what: str) -> np.ndarray:
     return pixels
 
 
+def _physical(stored: np.ndarray, resize: "PlaneResizer", slope, intercept,
+              padding: Padding | None, lut_ds=None) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+    """One stored frame → (resized physical values, pad fraction, least non-padded value).
+
+    The least value is taken at full resolution in a file that declares padding (it
+    fills the padded pixels of the series), else from the resized frame (cheap; it only
+    matters for a series mixing files with and without padding). The pad fraction is
+    None when no pixel is padded. ``lut_ds``: a dataset whose Modality LUT Sequence
+    replaces the rescale (rare for CT/MR; pydicom applies the LUT exactly).
+    """
+    if padding is not None and stored.dtype.kind in "iu":
+        return _physical_padded(stored, padding.mask(stored), resize, slope, intercept, lut_ds)
+    if lut_ds is not None:
+        from pydicom.pixels import apply_modality_lut
+        physical = resize(np.asarray(apply_modality_lut(stored, lut_ds), dtype=np.float32))
+    else:
+        # The rescale is affine and the resize weights sum to one, so resizing the stored
+        # values first is exact and rescales out_rows × out_cols values instead of all.
+        physical = _rescale(resize(stored), slope, intercept)
+    return physical, None, float(physical.min())
+
+
+def _physical_padded(stored, mask, resize, slope, intercept, lut_ds):
+    """As :func:`_physical` for a file that declares padding; ``mask``: its padded pixels."""
+    keep = ~mask
+    padded = not keep.all()
+    fraction = resize(mask) if padded else None  # share of padding in each output pixel
+    if not keep.any():
+        return np.zeros_like(fraction), fraction, None
+    if lut_ds is not None:
+        from pydicom.pixels import apply_modality_lut
+        physical = np.asarray(apply_modality_lut(stored, lut_ds), dtype=np.float32)
+        least = float(physical[keep].min())
+        return resize(np.where(mask, np.float32(0), physical)), fraction, least
+    s = 1.0 if slope is None else float(slope)
+    b = 0.0 if intercept is None else float(intercept)
+    info = np.iinfo(stored.dtype)
+    # The least physical value is the least stored one for slope > 0 (the usual case).
+    if s >= 0:
+        least_stored = float(np.min(stored, where=keep, initial=info.max))
+    else:
+        least_stored = float(np.max(stored, where=keep, initial=info.min))
+    if not padded:
+        return _rescale(resize(stored), s, b), None, s * least_stored + b
+    # Padded pixels count as 0: resize(stored with padding → 0) · slope + intercept ·
+    # (1 − fraction) is the resized physical frame without them, exactly.
+    physical = resize(np.where(mask, stored.dtype.type(0), stored))
+    physical *= np.float32(s)
+    if b:
+        physical += np.float32(b) * (np.float32(1.0) - fraction)
+    return physical, fraction, s * least_stored + b
+
+
 def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Frame]:
     """All frames of one DICOM file, rescaled to physical values and resized in-plane."""
     try:
@@ -289,6 +403,7 @@ def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Fra
         raise SeriesError("decode_failed", f"{what}: no pixel data")
     rows, cols = int(ds.Rows), int(ds.Columns)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    padding = Padding.from_dataset(ds)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None:  # enhanced multi-frame: geometry and rescale per frame
         shared = _first_item(ds, "SharedFunctionalGroupsSequence")
@@ -304,9 +419,10 @@ def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Fra
                 raise SeriesError("inconsistent_geometry", f"{what}: frame {k + 1} has no plane position/orientation")
             slope = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleSlope")
             intercept = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+            physical, fraction, least = _physical(pixels[k], resize, slope, intercept, padding)
             frames.append(Frame(_floats(ipp, 3, "ImagePositionPatient"),
                                 _floats(iop, 6, "ImageOrientationPatient"), rows, cols,
-                                _rescale(resize(pixels[k]), slope, intercept)))
+                                physical, fraction, least))
         return frames
     if n_frames != 1:
         raise SeriesError("inconsistent_geometry",
@@ -314,16 +430,31 @@ def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Fra
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
         raise SeriesError("inconsistent_geometry", f"{what}: no ImagePositionPatient/ImageOrientationPatient")
     pixels = _decode(ds, what)
-    if "ModalityLUTSequence" in ds:  # rare for CT/MR; pydicom applies the LUT exactly
-        from pydicom.pixels import apply_modality_lut
-        physical = resize(np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32))
-    else:
-        # The rescale is affine and the resize weights sum to one, so resizing the stored
-        # values first is exact and rescales out_rows × out_cols values instead of all.
-        physical = _rescale(resize(pixels), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+    physical, fraction, least = _physical(
+        pixels, resize, ds.get("RescaleSlope"), ds.get("RescaleIntercept"), padding,
+        lut_ds=ds if "ModalityLUTSequence" in ds else None)
     return [Frame(_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
                   _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
-                  rows, cols, physical)]
+                  rows, cols, physical, fraction, least)]
+
+
+def fill_padding(frames: Sequence[Frame]) -> None:
+    """Gives padded pixels the least non-padded value of the series (in place).
+
+    Padding (e.g. -3024 HU outside the CT reconstruction circle) is no image: left as
+    it is, it would become the darkest grey and squash the contrast of the real image
+    into the upper grey levels; given the series' least real value (air), it stays as
+    dark as air and takes no grey levels of its own. A series that is all padding
+    becomes constant (→ zeros).
+    """
+    if not any(f.pad_fraction is not None for f in frames):
+        return
+    least = [f.min_value for f in frames if f.min_value is not None]
+    fill = np.float32(min(least) if least else 0.0)
+    for f in frames:
+        if f.pad_fraction is not None:
+            f.pixels += fill * f.pad_fraction
+            f.pad_fraction = None
 
 
 # ----------------------------------------------------------------------------- series
@@ -339,15 +470,30 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return n / norm
 
 
-def order_frames(frames: list[Frame]) -> tuple[list[Frame], np.ndarray]:
+def _unit_cosines(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o = np.asarray(orientation, dtype=np.float64)
+    r, c = o[:3], o[3:]
+    return r / (np.linalg.norm(r) or 1.0), c / (np.linalg.norm(c) or 1.0)
+
+
+def same_orientation(a: np.ndarray, b: np.ndarray, max_deg: float) -> bool:
+    """Row cosines and column cosines of ``a`` and ``b`` each within ``max_deg`` degrees."""
+    (ra, ca), (rb, cb) = _unit_cosines(a), _unit_cosines(b)
+    cos_tol = np.cos(np.radians(max_deg))
+    return bool(ra @ rb >= cos_tol and ca @ cb >= cos_tol)
+
+
+def order_frames(frames: list[Frame], max_orientation_deg: float = 1.0
+                 ) -> tuple[list[Frame], np.ndarray]:
     """Frames sorted ascending along the slice normal, and their positions along it (mm)."""
     first = frames[0]
     for f in frames[1:]:
         if (f.rows, f.columns) != (first.rows, first.columns):
             raise SeriesError("inconsistent_geometry",
                               f"image sizes differ: {first.rows}x{first.columns} and {f.rows}x{f.columns}")
-        if np.max(np.abs(f.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
-            raise SeriesError("inconsistent_geometry", "slice orientations differ within the series")
+        if not same_orientation(f.orientation, first.orientation, max_orientation_deg):
+            raise SeriesError("inconsistent_geometry", "slice orientations differ within the series "
+                              f"(by more than {max_orientation_deg}°)")
     normal = slice_normal(first.orientation)
     positions = np.array([f.position @ normal for f in frames])
     order = np.argsort(positions, kind="stable")
@@ -357,6 +503,27 @@ def order_frames(frames: list[Frame]) -> tuple[list[Frame], np.ndarray]:
         raise SeriesError("inconsistent_geometry",
                           f"{dup} slice(s) share a position along the normal (repeated acquisition?)")
     return [frames[i] for i in order], positions
+
+
+def frames_of_series(frames: list[Frame], orientation: Sequence[float] | None,
+                     max_deg: float, what: str) -> list[Frame]:
+    """The frames of a multi-frame file that belong to the series of ``orientation``.
+
+    An enhanced multi-frame file can hold several stacks (e.g. axial and coronal); the
+    index splits them into one series each by orientation. Only when a file's frames
+    have several orientations are the others dropped; a file of one orientation is
+    kept whole (a wrong orientation is then the re-check's business).
+    """
+    if orientation is None or len(frames) < 2:
+        return frames
+    if all(same_orientation(f.orientation, frames[0].orientation, max_deg) for f in frames[1:]):
+        return frames
+    target = np.asarray(orientation, dtype=np.float64)
+    kept = [f for f in frames if same_orientation(f.orientation, target, max_deg)]
+    if not kept:
+        raise SeriesError("inconsistent_geometry",
+                          f"{what}: none of its {len(frames)} frames has the series' orientation")
+    return kept
 
 
 def check_spacing(positions_mm: np.ndarray, max_deviation: float) -> float:
@@ -372,11 +539,14 @@ def check_spacing(positions_mm: np.ndarray, max_deviation: float) -> float:
 
 
 def build_volume(paths: Iterable[str], options: VolumeOptions,
-                 names: Sequence[str] | None = None) -> BuiltVolume:
+                 names: Sequence[str] | None = None,
+                 orientation: Sequence[float] | None = None) -> BuiltVolume:
     """DICOM files of one series (any order) → :class:`BuiltVolume`.
 
     ``names`` label the files in error messages (default: "file k"); never pass paths
-    that could carry patient names into outputs. Raises :class:`SeriesError`.
+    that could carry patient names into outputs. ``orientation``: the series' six
+    cosines from the index, which pick the series' frames out of a multi-frame file
+    holding several stacks. Raises :class:`SeriesError`.
     """
     num_slices, out_rows, out_cols = options.volume_shape
     resize = PlaneResizer(out_rows, out_cols, options.antialias)
@@ -386,8 +556,10 @@ def build_volume(paths: Iterable[str], options: VolumeOptions,
         raise SeriesError("decode_failed", "the series has no files")
     for k, path in enumerate(paths):
         what = names[k] if names is not None else f"file {k + 1} of {len(paths)}"
-        frames.extend(read_frames(path, resize, what))
-    frames, positions = order_frames(frames)
+        frames.extend(frames_of_series(read_frames(path, resize, what), orientation,
+                                       options.max_orientation_deviation_deg, what))
+    frames, positions = order_frames(frames, options.max_orientation_deviation_deg)
+    fill_padding(frames)
     n, rows, columns = len(frames), frames[0].rows, frames[0].columns
     info = {"n_slices": n, "rows": rows, "columns": columns}
     if n < max(2, options.min_slices):

@@ -102,12 +102,17 @@ def write_series(out_dir: str, values: np.ndarray, origin_mm: Sequence[float],
                  slice_spacing_mm: float, *, modality: str = "CT",
                  slopes: Sequence[float] | None = None, intercepts: Sequence[float] | None = None,
                  instance_order: str = "reversed", enhanced: bool = False,
+                 padding: int | None = None, padding_limit: int | None = None,
+                 pad_mask: np.ndarray | None = None, pad_stored=None,
                  rng: np.random.Generator | None = None) -> list[str]:
     """Writes ``values`` [n, rows, cols] (physical, slice 0 lowest along the normal).
 
     ``instance_order``: InstanceNumber ``reversed`` (against position), ``ascending`` or
     ``random``. File names are random hex. Per-slice ``slopes``/``intercepts`` (per frame
-    when ``enhanced``). Returns the written paths in random order.
+    when ``enhanced``). ``padding``/``padding_limit``: PixelPaddingValue and
+    PixelPaddingRangeLimit written into every file; where ``pad_mask`` [n, rows, cols]
+    is true the stored value is ``pad_stored`` (an int or an int array [n, rows, cols];
+    default: ``padding``) instead of ``values`` — the padded pixels. Returns the written paths in random order.
     """
     rng = rng or np.random.default_rng(0)
     n, rows, cols = values.shape
@@ -131,11 +136,26 @@ def write_series(out_dir: str, values: np.ndarray, origin_mm: Sequence[float],
     def _name() -> str:
         return os.path.join(out_dir, rng.bytes(8).hex())
 
+    def _frame(k: int) -> np.ndarray:
+        stored = _stored(values[k], slopes[k], intercepts[k])
+        if pad_mask is not None:
+            fill = padding if pad_stored is None else pad_stored
+            fill = np.broadcast_to(np.asarray(fill), values.shape)[k]
+            stored[pad_mask[k]] = fill[pad_mask[k]]
+        return stored
+
+    def _padding_attributes(ds: Dataset) -> None:
+        if padding is not None:
+            ds.PixelPaddingValue = int(padding)
+        if padding_limit is not None:
+            ds.PixelPaddingRangeLimit = int(padding_limit)
+
     if enhanced:
         sop = ENHANCED_CT_IMAGE if modality == "CT" else "1.2.840.10008.5.1.4.1.1.4.1"
         ds = _base(modality, sop, rows, cols, study_uid, series_uid)
         order = rng.permutation(n)  # frames stored in no geometric order
         ds.NumberOfFrames = n
+        _padding_attributes(ds)
         shared = Dataset()
         plane = Dataset()
         plane.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
@@ -159,7 +179,7 @@ def write_series(out_dir: str, values: np.ndarray, origin_mm: Sequence[float],
             content.InStackPositionNumber = int(instance[k])
             group.FrameContentSequence = DicomSequence([content])
             groups.append(group)
-            frames.append(_stored(values[k], slopes[k], intercepts[k]))
+            frames.append(_frame(k))
         ds.PerFrameFunctionalGroupsSequence = DicomSequence(groups)
         ds.PixelData = np.stack(frames).tobytes()
         path = _name()
@@ -176,11 +196,40 @@ def write_series(out_dir: str, values: np.ndarray, origin_mm: Sequence[float],
         ds.SliceThickness = f"{slice_spacing_mm:.6f}"
         ds.RescaleSlope = f"{slopes[k]:g}"
         ds.RescaleIntercept = f"{intercepts[k]:g}"
-        ds.PixelData = _stored(values[k], slopes[k], intercepts[k]).tobytes()
+        _padding_attributes(ds)
+        ds.PixelData = _frame(k).tobytes()
         path = _name()
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def merge_enhanced(paths: Sequence[str], out_path: str) -> str:
+    """Several enhanced multi-frame files (same size) → one file holding all their stacks.
+
+    The orientation moves from the shared to the per-frame functional groups (stacks
+    differ in it), as in a multi-stack enhanced MR or CT object.
+    """
+    import copy
+
+    parts = [pydicom.dcmread(p) for p in paths]
+    merged = parts[0]
+    groups, pixels = [], b""
+    for ds in parts:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        orientation = shared.get("PlaneOrientationSequence")
+        for group in ds.PerFrameFunctionalGroupsSequence:
+            if orientation is not None:
+                group.PlaneOrientationSequence = copy.deepcopy(orientation)
+            groups.append(group)
+        pixels += ds.PixelData
+    if "PlaneOrientationSequence" in merged.SharedFunctionalGroupsSequence[0]:
+        del merged.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    merged.PerFrameFunctionalGroupsSequence = DicomSequence(groups)
+    merged.NumberOfFrames = len(groups)
+    merged.PixelData = pixels
+    merged.save_as(out_path, enforce_file_format=True)
+    return out_path
 
 
 def write_body_series(out_dir: str, n_slices: int, rows: int, cols: int, *,

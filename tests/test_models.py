@@ -8,7 +8,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from configs import pretrain
@@ -276,34 +275,6 @@ def test_encoder_paths_identical_in_classifier_and_vnet(variant, shape):
         assert {p.split("]")[0] + "]" for p in paths} == {f"['{s}']" for s in models.STAGES}
     assert set(classifier["params"]) == {"encoder", "heads"}
     assert set(segmenter["params"]) == {"encoder", "decoder"}
-
-
-def test_pretrained_encoder_drops_into_vnet_by_name():
-    """The classifier's encoder variables, placed under the VNet's ``encoder``,
-    give the VNet exactly the encoder features the classifier computes."""
-    x = jax.random.normal(jax.random.key(1), TINY)
-    common = dict(depth=10, width=4)
-    classifier = models.get("radnet")(hidden=8, **common)
-    segmenter = models.get("vnet")(num_classes=2, decoder_width=4, **common)
-    pretrained = jax.jit(lambda x: classifier.init(jax.random.key(2), x, train=False))(x)
-    fresh = jax.jit(lambda x: segmenter.init(jax.random.key(3), x, train=False))(x)
-    merged = {c: {**fresh[c], "encoder": pretrained[c]["encoder"]} for c in fresh}
-
-    @jax.jit
-    def encoder_features(variables, x):
-        _, state = segmenter.apply(variables, x, train=False, capture_intermediates=True,
-                                   mutable=["intermediates"])
-        return state["intermediates"]["encoder"]["__call__"][0]
-
-    standalone = models.get("resnet")(**common)
-    expected = jax.jit(lambda v, x: standalone.apply(v, x, train=False))(
-        {c: pretrained[c]["encoder"] for c in pretrained}, x)
-    got = encoder_features(merged, x)
-    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)
-    for stage in models.STAGES:
-        np.testing.assert_allclose(got[1][stage], expected[1][stage], rtol=1e-5, atol=1e-6)
-    before = encoder_features(fresh, x)
-    assert not np.allclose(before[1]["block4"], got[1]["block4"])
 
 
 def test_stage_strides_match_encoder():

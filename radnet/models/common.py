@@ -6,7 +6,6 @@ Shapes follow the channels-last layout of the whole project: activations are
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -62,22 +61,35 @@ def conv_padding(kernel: Sequence[int], dilation: Sequence[int], mode: str):
     raise ValueError(f"unknown padding mode {mode!r}; use 'same' or 'symmetric'")
 
 
+def group_count(channels: int) -> int:
+    """Groups of group norm: the largest divisor of ``channels`` ≤ 32 that leaves
+    at least 2 channels per group (32 for every layer of a width-64 network).
+
+    Why not one channel per group for narrow layers: on a deep feature map
+    reduced to 1×1×1 voxel a single-channel group normalises to exactly 0 and
+    passes no signal or gradient.
+    """
+    if channels < 2:
+        return 1
+    return max(g for g in range(1, min(GROUP_NORM_GROUPS, channels // 2) + 1)
+               if channels % g == 0)
+
+
 def make_norm(kind: str, train: bool, *, name: str, dtype: Any,
               momentum: float = BN_MOMENTUM) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """A normalisation layer over the channel axis, created in the caller's scope.
 
     ``kind="batch"``: statistics in the ``batch_stats`` collection, batch
     statistics when ``train`` else running averages. ``kind="group"``:
-    per-sample statistics (no ``batch_stats``), with ``gcd(32, C)`` groups so
-    any channel count works; better than batch norm for the 1–2 volumes per
-    device of 3D training.
+    per-sample statistics (no ``batch_stats``) over :func:`group_count` groups;
+    better than batch norm for the 1–2 volumes per device of 3D training.
     """
     if kind == "batch":
         return nn.BatchNorm(use_running_average=not train, momentum=momentum,
                             epsilon=NORM_EPSILON, dtype=dtype, name=name)
     if kind == "group":
         def group_norm(x):
-            groups = math.gcd(GROUP_NORM_GROUPS, x.shape[-1])
+            groups = group_count(x.shape[-1])
             return nn.GroupNorm(num_groups=groups, epsilon=NORM_EPSILON, dtype=dtype,
                                 name=name)(x)
         return group_norm
