@@ -26,9 +26,9 @@ SHAPE = (2, 16, 32, 32, 1)
 def _perturb(tree, seed):
     # Distinct values, so "equal to the checkpoint" cannot hold by accident.
     leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([np.asarray(l + 0.1 * jax.random.normal(k, l.shape, l.dtype))
-                              for l, k in zip(leaves, keys)])
+    rng = np.random.default_rng(seed)
+    return treedef.unflatten([np.asarray(l + 0.1 * rng.normal(size=np.shape(l)), np.float32)
+                              for l in leaves])
 
 
 def save_pretraining(workdir, params, batch_stats, model_cfg, step=7):
@@ -45,16 +45,15 @@ def save_pretraining(workdir, params, batch_stats, model_cfg, step=7):
 
 @functools.lru_cache(maxsize=None)
 def radnet_init(width=4):
-    """Tiny 3D-RADNet variables (cached: initialising compiles slowly on CPU)."""
+    """Tiny 3D-RADNet variables (cached; NumPy-filled: compiling init is slow on CPU)."""
     model = models.get("radnet")(**dict(ENC, width=width, hidden=8))
-    return model.init(jax.random.key(1), jnp.zeros(SHAPE), train=False)
+    return segment.init_variables(model, SHAPE, seed=1)
 
 
 @functools.lru_cache(maxsize=None)
 def _vnet_init():
     model = models.get("vnet")(**ENC, num_classes=2, decoder_width=4)
-    v = model.init(jax.random.key(5), jnp.zeros(SHAPE), train=False)
-    return {"params": v["params"], "batch_stats": v["batch_stats"]}
+    return segment.init_variables(model, SHAPE, seed=5)
 
 
 @pytest.fixture(scope="module")

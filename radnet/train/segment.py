@@ -26,7 +26,6 @@ so a liver missed by the proposal costs Dice as it would in use.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
 import os
@@ -107,6 +106,32 @@ def build_model_config(config, frozen: Sequence[str]) -> dict:
                 fields[key] = pre[key]
     fields["frozen_stages"] = tuple(frozen)
     return fields
+
+
+def init_variables(model, input_shape: Sequence[int], seed: int) -> dict:
+    """Fresh ``{"params", "batch_stats"}`` of ``model`` for inputs ``[B, D, H, W, C]``.
+
+    Shapes come from ``jax.eval_shape`` of ``model.init``; values are drawn in NumPy:
+    kernels He-normal over fan-out (the encoder's and decoder's convolution init),
+    norm scales and running variances 1, biases and running means 0. Why not
+    ``jax.jit(model.init)``: compiling every initialiser costs minutes of CPU on a
+    small machine, far more than the few steps of a test or the demo.
+    """
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros(input_shape), train=False),
+                            jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = transfer._key_name(path[-1])
+        if name == "kernel":
+            fan_out = math.prod(leaf.shape[:-2]) * leaf.shape[-1]
+            return rng.normal(0.0, math.sqrt(2.0 / fan_out), leaf.shape).astype(leaf.dtype)
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    filled = jax.tree_util.tree_map_with_path(fill, shapes)
+    return {"params": filled["params"], "batch_stats": filled.get("batch_stats", {})}
 
 
 def dice_loss(logits: jnp.ndarray, mask: jnp.ndarray, smooth: float = 1.0) -> jnp.ndarray:
@@ -294,9 +319,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = models.get(config.model_name)(**model_fields)
     attrs = lits.read_attributes(config.dataset)
     shape = (1, num_slices, attrs["in_plane"], attrs["in_plane"], 1)
-    rng = jax.random.key(config.seed)
-    variables = jax.jit(functools.partial(model.init, train=False))(rng, jnp.zeros(shape))
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    variables = init_variables(model, shape, config.seed)
     pretrained_step = None
     if restore:
         step = None if config.pretrained_step < 0 else config.pretrained_step
