@@ -45,6 +45,7 @@ def get_config(arg=None):
         batch_size=4, num_steps=3000, lr=1e-4, dice_smooth=1.0,
         eval_every=100, log_every=20))
     config.eval = ml_collections.ConfigDict(dict(batch_size=4, threshold=0.5))
+    config.quiet_orbax = True                       # hide Orbax's INFO lines in the log
 
     if arg.tiny:
         config.model.update(depth=10, width=4, decoder_width=4)
@@ -53,8 +54,8 @@ def get_config(arg=None):
         config.eval.batch_size = 2
     if arg.demo:
         # Phantom cases on 2 CPU cores (encoder from the demo pretraining, 48×64×64).
-        config.model.decoder_width = 8
-        config.train.update(batch_size=2, num_steps=60, eval_every=20, log_every=10, lr=1e-3)
+        config.model.decoder_width = 4
+        config.train.update(batch_size=2, num_steps=30, eval_every=15, log_every=5, lr=3e-3)
         config.eval.batch_size = 2
     if arg.steps > 0:
         config.train.num_steps = arg.steps

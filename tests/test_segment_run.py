@@ -37,7 +37,7 @@ def test_segment_run_frozen(setup):
     config = liver_config.get_config(
         f"tiny,freeze=all,dataset={root / 'ds'},pretrained={root / 'pre'}")
     workdir = str(root / "run_all")
-    results = segment.run(config, workdir)
+    results = segment.train_and_evaluate(config, workdir)
 
     assert results["n_train"] == 1 and results["freeze"] == "all"
     for split in ("val", "test"):

@@ -155,6 +155,11 @@ def make_train_step(model, tx, param_labels, stat_labels, smooth: float):
         x = proposal.to_model_input_jnp(batch["image"])
 
         def loss_fn(params):
+            # No gradient into frozen leaves: XLA then drops their backward pass (for
+            # freeze=all the whole encoder backward), not just their update.
+            params = jax.tree.map(
+                lambda lab, p: jax.lax.stop_gradient(p) if lab == transfer.FROZEN else p,
+                param_labels, params)
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state["batch_stats"]}, x, train=True,
                 mutable=["batch_stats"])
@@ -292,9 +297,27 @@ def _proposals(config, workdir: str, case_ids: Sequence[str]) -> dict[str, list[
     return windows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+class _QuietLibraries:
+    """absl log filter: drops INFO records of Orbax (dozens per save/restore)."""
+
+    def filter(self, record):
+        import logging as py_logging  # noqa: PLC0415
+
+        return record.levelno > py_logging.INFO or "/orbax/" not in record.pathname
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Task ``segment`` for radnet.main (its return value is the exit status)."""
+    train_and_evaluate(config, workdir)
+    return 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, keeps the best validation checkpoint, evaluates; returns results.json."""
     import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    if config.get("quiet_orbax", True):
+        logging.get_absl_handler().addFilter(_QuietLibraries())
 
     os.makedirs(workdir, exist_ok=True)
     frozen = transfer.frozen_stages(config.freeze)
