@@ -127,9 +127,7 @@ def _write_dataset(path):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A real (tiny) pretraining run: checkpoint written by radnet.train.pretrain."""
-    pytest.importorskip("radnet.models", reason="models not merged yet")
-    pytest.importorskip("radnet.data.pipeline", reason="pipeline not merged yet")
-    pretrain = pytest.importorskip("radnet.train.pretrain", reason="training not merged yet")
+    from radnet.train import pretrain
     from configs import pretrain as pretrain_config
 
     root = tmp_path_factory.mktemp("e2e")

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from radnet import labels
+from radnet import metrics as metrics_lib
 from radnet.data import augment as augment_lib
 from radnet.data import schema
 from radnet.train import checkpoint as ckpt_lib
@@ -100,29 +101,44 @@ def _global_norm(tree) -> jax.Array:
 
 
 def make_eval_step(model):
-    """→ ``eval_step(variables, batch) -> summed statistics`` (padding rows masked)."""
+    """→ ``eval_step(variables, batch) -> (summed loss statistics, outputs)``.
+
+    Padding rows are masked in the statistics; the outputs go to radnet.metrics on the host.
+    """
 
     def eval_step(variables, batch):
         outputs = model.apply(variables, model_inputs(batch["volume"]), train=False)
-        return losses_lib.head_statistics(outputs, batch, batch["mask"])
+        return losses_lib.head_statistics(outputs, batch, batch["mask"]), outputs
 
     return eval_step
 
 
 def evaluate(eval_step, variables, batches: Iterable[dict], batch_sharding,
              loss_weights) -> dict[str, float]:
-    """Whole split → ``{"loss", "{head}/loss", "{head}/accuracy", ...}`` (losses_lib.summarize)."""
+    """Whole split → ``{"loss", "{head}/loss", "{head}/accuracy", ...}``.
+
+    Losses come from the summed statistics of the jitted step; accuracy, exact match,
+    spacing errors and AUCs from radnet.metrics (the evaluation report's own code) over
+    the gathered outputs, padding rows dropped, so every sample counts exactly once.
+    """
+    from jax.experimental import multihost_utils
+
     totals = None
-    num_batches = 0
+    accumulator = metrics_lib.Accumulator()
+    label_keys = tuple(k for k in EVAL_KEYS if k != "volume")
     for local in batches:
         batch = sharding_lib.global_batch({k: local[k] for k in EVAL_KEYS}, batch_sharding)
-        stats = eval_step(variables, batch)
+        stats, outputs = eval_step(variables, batch)
         totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
-        num_batches += 1
+        # Every process gathers the global batch (small: logits and labels only).
+        host = multihost_utils.process_allgather(
+            (outputs, {k: batch[k] for k in label_keys}), tiled=True)
+        accumulator.add(*host)
     if totals is None:
         raise ValueError("the evaluation split is empty: no batch came from eval_batches")
     host = {k: float(v) for k, v in jax.device_get(totals).items()}
-    metrics = losses_lib.summarize(host)
+    metrics = {k: v for k, v in losses_lib.summarize(host).items() if k.endswith("/loss")}
+    metrics.update(metrics_lib.summary(accumulator.compute()))
     per_head = {h: float(v) for h, v in losses_lib.head_losses(
         {k: jnp.asarray(v) for k, v in host.items()}).items()}
     metrics["loss"] = float(losses_lib.total_loss(per_head, loss_weights))
@@ -207,7 +223,7 @@ def run(config, workdir: str) -> int:
     eval_step = jax.jit(make_eval_step(model),
                         in_shardings=(variables_shardings,
                                       {k: batch_sharding for k in EVAL_KEYS}),
-                        out_shardings=replicated)
+                        out_shardings=(replicated, batch_sharding))
 
     def run_eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
