@@ -211,7 +211,10 @@ def read_all(dicom_root: str, paths: list[str], secret: bytes, cache: HeaderCach
             results: Iterator = map(_read_one, todo)
             pool = None
         else:
-            pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            # Not plain fork: the caller may hold threads (JAX, TensorStore), and a forked
+            # child can inherit a held lock. The fork server is a clean single-threaded parent.
+            method = "forkserver" if sys.platform == "linux" else "spawn"
+            pool = multiprocessing.get_context(method).Pool(
                 workers, initializer=_init_worker, initargs=(secret, root))
             results = pool.imap_unordered(_read_one, todo, chunksize=chunksize)
         for rel, size, mtime, record in results:
