@@ -27,7 +27,7 @@ from absl import app, flags  # noqa: E402
 from data_prep import index  # noqa: E402
 
 FLAGS = flags.FLAGS
-# --dicom_root comes with data_prep.index (default None: copies of pydicom test files).
+flags.DEFINE_string("dicom_root", None, "Tree to read; default: copies of pydicom's test files.")
 flags.DEFINE_integer("copies", 150, "Copies of each bundled file when building the tree.")
 flags.DEFINE_string("bench_workers", "1,2", "Worker counts to measure.")
 flags.DEFINE_integer("repeats", 3, "Best of this many runs.")
