@@ -34,7 +34,9 @@ def _perturb(tree, seed):
 def save_pretraining(workdir, params, batch_stats, model_cfg, step=7):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump({"task": "pretrain", "model_name": "radnet", "model": model_cfg}, f)
+        # The fields of a real pretraining config.json that inference reads.
+        json.dump({"task": "pretrain", "model_name": "radnet", "model": model_cfg,
+                   "input": {"volume_shape": list(SHAPE[1:4])}}, f)
     state = {"step": np.int32(step), "params": params, "batch_stats": batch_stats,
              "opt_state": optax.adam(1e-3).init(params)}
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))

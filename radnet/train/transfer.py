@@ -227,28 +227,19 @@ def pretrained_model_config(workdir: str) -> dict:
 def load_classifier(workdir: str, step: int | None = None):
     """(model, ``{"params", "batch_stats"}``, step) of a pretraining run, for inference.
 
-    Reads ``config.json`` for the model and restores params and batch statistics only
-    (the optimizer state is left on disk) with the same partial Orbax restore.
+    The checkpoint is read by radnet.train.checkpoint.load_for_inference (params and
+    batch statistics only); the model is the one its config.json describes.
     """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: {workdir} is not a pretraining workdir")
-    with open(path) as f:
-        saved = json.load(f)
-    from radnet import models  # noqa: PLC0415
+    from radnet.train import checkpoint as ckpt_lib  # noqa: PLC0415
+    from radnet.train import state as state_lib  # noqa: PLC0415
 
-    model = models.get(saved.get("model_name", "radnet"))(**saved.get("model", {}))
-    ocp, manager = _checkpoint_manager(workdir)
-    try:
-        step = manager.latest_step() if step is None else step
+    if step is None:
+        _, manager = _checkpoint_manager(workdir)
+        try:
+            step = manager.latest_step()
+        finally:
+            manager.close()
         if step is None:
             raise FileNotFoundError(f"no checkpoint step under {workdir}/checkpoints")
-        tree = manager.item_metadata(step)["state"]
-        tree = getattr(tree, "tree", tree)
-        wanted = {p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
-                  for p, m in flatten(tree).items() if p[0] in ("params", "batch_stats")}
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=_unflatten(wanted), partial_restore=True)))["state"]
-    finally:
-        manager.close()
-    return model, {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}, step
+    config, variables = ckpt_lib.load_for_inference(workdir, step)
+    return state_lib.build_model(config), variables, step
