@@ -1,7 +1,7 @@
 """Series → volumes (data_prep.build_volumes): the paper's preprocessing by default.
 
     python -m data_prep.build_volumes --index=OUT --dicom_root=DIR --out=DATASET
-    ... --config=configs/build_volumes.py:size=64          # 48×64×64 (the CPU demo)
+    ... --config=configs/build_volumes.py:size=32          # 48×32×32 (the CPU demo)
     ... --config=configs/build_volumes.py:normalise=window,window_level=40,window_width=400
     ... --config=configs/build_volumes.py:tiny             # 16×32×32 for tests
 

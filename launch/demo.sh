@@ -20,7 +20,7 @@ stage() { echo; echo "== [$((SECONDS - START))s] $*"; }
 
 stage "1/5 phantom PACS (DICOM with ground truth) → $DEMO/pacs"
 if [[ ! -f "$DEMO/pacs/truth.csv" ]]; then
-  "$PYTHON" -m data_prep.phantoms --out="$DEMO/pacs" --patients=50 --seed=0 --workers="$WORKERS"
+  "$PYTHON" -m data_prep.phantoms --out="$DEMO/pacs" --patients=120 --seed=0 --workers="$WORKERS"
 else
   echo "already there"
 fi
@@ -31,9 +31,9 @@ stage "2/5 index the headers → $DEMO/index"
   --workers="$WORKERS" --salt_file="$DEMO/salt" --noprogress \
   --config.split.train=0.7 --config.split.val=0.1 --config.split.test=0.2
 
-stage "3/5 build 48×64×64 volumes → $DEMO/dataset"
+stage "3/5 build 48×32×32 volumes → $DEMO/dataset"
 "$PYTHON" -m data_prep.build_volumes --index="$DEMO/index" --dicom_root="$DEMO/pacs/dicom" \
-  --out="$DEMO/dataset" --config=configs/build_volumes.py:size=64 --workers="$WORKERS" \
+  --out="$DEMO/dataset" --config=configs/build_volumes.py:size=32 --workers="$WORKERS" \
   --no_progress --overwrite
 
 stage "4/5 pretrain 3D-RADNet (small, CPU) → $DEMO/pretrain"

@@ -19,7 +19,7 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from radnet import labels
-from radnet.data import schema
+from radnet.data import pipeline, schema
 from radnet.train import checkpoint as ckpt_lib
 from radnet.train import logging_utils
 from radnet.train import losses as losses_lib
@@ -114,16 +114,22 @@ def test_one_step_train_and_eval(dataset, tmp_path):
     loaded_config, variables = ckpt_lib.load_for_inference(workdir)
     assert loaded_config.model.depth == config.model.depth
     assert set(variables) == {"params", "batch_stats"}
-    # the restored weights are the trained ones, not a fresh initialisation
+    # the restored weights are the trained ones: evaluated again on the val split they
+    # reproduce the validation loss the run logged at step 1 (a fresh initialisation or
+    # a wrong step would not), and the batch-norm statistics have left their init (0, 1).
     model = pretrain.state_lib.build_model(loaded_config)
-    fresh = model.init(jax.random.key(123), jnp.zeros((1, *VOLUME_SHAPE, 1)), train=False)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                                         variables["params"], fresh["params"]))
-    assert max(diffs) > 0
+    mesh = pretrain.sharding_lib.make_mesh(loaded_config.mesh)
+    again = pretrain.evaluate(
+        jax.jit(pretrain.make_eval_step(model)), variables,
+        pipeline.eval_batches(dataset, split="val", batch_size=2),
+        pretrain.sharding_lib.batch_sharding(mesh), dict(loaded_config.loss_weights))
+    np.testing.assert_allclose(again["loss"], val[0]["loss"], rtol=1e-5)
+    means = [np.abs(v).max() for p, v in jax.tree_util.tree_leaves_with_path(
+        variables["batch_stats"]) if "mean" in jax.tree_util.keystr(p)]
+    assert means and max(means) > 0
     x = pretrain.model_inputs(jnp.zeros((2, *VOLUME_SHAPE), jnp.uint8))
-    out = model.apply(variables, x, train=False)
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     assert out["sequence"].shape == (2, len(labels.SEQUENCE))
-
 
 def test_loss_masks_unknown_labels():
     """Unknown (-1 / NaN) labels and padding rows contribute nothing, whatever the logits."""
