@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make demo: phantom PACS → index → volumes → pretrain → evaluate (→ liver transfer, appended).
+# make demo: phantom PACS → index → volumes → pretrain → evaluate → liver transfer.
 #
 #   PYTHON=.venv/bin/python bash launch/demo.sh      # what `make demo` runs
 #
@@ -18,25 +18,26 @@ mkdir -p "$DEMO"
 START=$SECONDS
 stage() { echo; echo "== [$((SECONDS - START))s] $*"; }
 
-stage "1/5 phantom PACS (DICOM with ground truth) → $DEMO/pacs"
+stage "1/6 phantom PACS (DICOM with ground truth) → $DEMO/pacs"
 if [[ ! -f "$DEMO/pacs/truth.csv" ]]; then
-  "$PYTHON" -m data_prep.phantoms --out="$DEMO/pacs" --patients=120 --seed=0 --workers="$WORKERS"
+  "$PYTHON" -m data_prep.phantoms --out="$DEMO/pacs" --patients=120 --seed=0 --lits_cases=6 \
+    --workers="$WORKERS"
 else
   echo "already there"
 fi
 
-stage "2/5 index the headers → $DEMO/index"
+stage "2/6 index the headers → $DEMO/index"
 # A larger test share than the default 10%: the demo's test split is its report card.
 "$PYTHON" -m data_prep.index --dicom_root="$DEMO/pacs/dicom" --out="$DEMO/index" \
   --workers="$WORKERS" --salt_file="$DEMO/salt" --noprogress \
   --config.split.train=0.7 --config.split.val=0.1 --config.split.test=0.2
 
-stage "3/5 build 48×32×32 volumes → $DEMO/dataset"
+stage "3/6 build 48×32×32 volumes → $DEMO/dataset"
 "$PYTHON" -m data_prep.build_volumes --index="$DEMO/index" --dicom_root="$DEMO/pacs/dicom" \
   --out="$DEMO/dataset" --config=configs/build_volumes.py:size=32 --workers="$WORKERS" \
   --no_progress --overwrite
 
-stage "4/5 pretrain 3D-RADNet (small, CPU) → $DEMO/pretrain"
+stage "4/6 pretrain 3D-RADNet (small, CPU) → $DEMO/pretrain"
 # Full log in $DEMO/pretrain.log; the console shows the trainer's own lines (Orbax is chatty).
 set +e
 "$PYTHON" -m radnet.main --config="configs/pretrain.py:demo,dataset=$DEMO/dataset" \
@@ -49,9 +50,12 @@ if [[ $status -ne 0 ]]; then
   exit "$status"
 fi
 
-stage "5/5 evaluate on the held-out test split → $DEMO/pretrain/report.json"
+stage "5/6 evaluate on the held-out test split → $DEMO/pretrain/report.json"
 "$PYTHON" -m radnet.main --config=configs/evaluate.py --config.checkpoint="$DEMO/pretrain" \
   --config.dataset="$DEMO/dataset" --workdir="$DEMO/pretrain"
+
+stage "6/6 liver transfer: frozen pretrained encoder vs scratch → $DEMO/liver"
+PYTHON="$PYTHON" DEMO_ROOT="$DEMO" bash launch/demo_liver.sh
 
 echo
 echo "== demo done in $((SECONDS - START))s; outputs under $DEMO/"

@@ -3,13 +3,13 @@
 # pretrained 3D-RADNet → VNet with the frozen pretrained encoder vs from scratch, both
 # briefly trained on CPU → their Dice (Table 2's first and last rows, on phantoms).
 #
-# Inputs: runs/demo/phantoms/lits (data_prep.phantoms --lits_cases), runs/demo/pretrain.
+# Inputs: runs/demo/pacs/lits (data_prep.phantoms --lits_cases), runs/demo/pretrain.
 # Output: runs/demo/liver/{dataset, proposals.csv, freeze_all, freeze_scratch}.
 # Env: PYTHON (the venv's python), DEMO_ROOT (default runs/demo), LIVER_STEPS (override).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 ROOT=${DEMO_ROOT:-runs/demo}
-LITS=$ROOT/phantoms/lits PRE=$ROOT/pretrain OUT=$ROOT/liver
+LITS=$ROOT/pacs/lits PRE=$ROOT/pretrain OUT=$ROOT/liver
 for need in "$LITS" "$PRE/config.json" "$PRE/checkpoints"; do
   [[ -e $need ]] || { echo "demo_liver: $need is missing (run the earlier demo steps)" >&2; exit 2; }
 done
