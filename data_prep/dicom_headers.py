@@ -19,13 +19,15 @@ spacing, temporal index), with shared functional groups as the fallback.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 import warnings
 from typing import Any
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
@@ -76,16 +78,61 @@ def keyed_hash(secret: bytes, domain: str, value: str, digest_size: int = 16) ->
 
 
 _ASCII_VRS = frozenset({"DS", "IS", "CS", "UI", "DA", "TM", "AS"})
+# Multi-valued text VRs whose bytes depend on (0008,0005) Specific Character Set.
+_TEXT_VRS = frozenset({"LO", "SH", "UC"})
+# Single binary numbers: struct format per VR.
+_NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 _TAG_OF = {k: tag_for_keyword(k) for k in _KEYWORDS}
+# Implicit-VR files carry no VR: the data dictionary gives it (none of these is ambiguous).
+_DICT_VR = {tag: dictionary_VR(tag) for tag in _TAG_OF.values()}
+_ESC = 0x1B
+
+
+def _raw_value(ds, elem, tag: int):
+    """The value of a raw (unconverted) element, decoded as pydicom would; _SLOW if unsure.
+
+    pydicom's general conversion (hooks, validation, value classes) costs more
+    than the parse itself, and the index reads a dozen values per file, so the
+    common cases are decoded here straight from the bytes: numbers, codes and
+    UIDs (ASCII by the standard), single binary numbers, and text without ISO
+    2022 escape sequences (decoded with the data set's character set, exactly
+    pydicom's own shortcut). Anything else goes through pydicom.
+    """
+    raw = elem.value
+    if not isinstance(raw, bytes):
+        return _SLOW
+    vr = elem.VR
+    if vr is None:  # implicit VR
+        vr = _DICT_VR.get(tag)
+    if vr in _ASCII_VRS:
+        text = raw.decode("latin-1").strip(" \x00")
+        if vr in ("DS", "IS"):
+            return text if "\\" not in text else text.split("\\")
+        return text
+    fmt = _NUMBER_FORMATS.get(vr)
+    if fmt is not None:
+        if not raw:
+            return None
+        if len(raw) != struct.calcsize(fmt):
+            return _SLOW
+        return struct.unpack(("<" if elem.is_little_endian else ">") + fmt, raw)[0]
+    if vr in _TEXT_VRS and _ESC not in raw:
+        encodings = ds._character_set  # noqa: SLF001 -- the set pydicom itself decodes with
+        first = encodings if isinstance(encodings, str) else encodings[0]
+        try:
+            text = raw.decode(first)
+        except (UnicodeError, LookupError):
+            return _SLOW
+        values = [v.rstrip("\0 ") for v in text.split("\\")]
+        return values[0] if len(values) == 1 else values
+    return _SLOW
+
+
+_SLOW = object()
 
 
 def _get(ds, keyword: str):
-    """Element value or None; a value that fails to convert counts as absent.
-
-    Numbers, codes and UIDs (ASCII by the standard) are taken straight from the
-    raw bytes: pydicom's general conversion costs more than the parse itself,
-    and the index reads a dozen such values per file.
-    """
+    """Element value or None; a value that fails to convert counts as absent."""
     tag = _TAG_OF.get(keyword)
     if tag is not None:
         try:
@@ -94,13 +141,11 @@ def _get(ds, keyword: str):
             elem = None
         if elem is None:
             return None
-        raw = elem.value
-        vr = elem.VR
-        if isinstance(raw, bytes) and vr in _ASCII_VRS:
-            text = raw.decode("latin-1").strip(" \x00")
-            if vr in ("DS", "IS"):
-                return text if "\\" not in text else text.split("\\")
-            return text
+        if isinstance(elem, DataElement):  # converted already (sequences, repeated reads)
+            return elem.value
+        value = _raw_value(ds, elem, tag)
+        if value is not _SLOW:
+            return value
     try:
         value = ds.get(keyword)
     except Exception:  # noqa: BLE001 -- malformed value: treat as missing, the run goes on
@@ -364,6 +409,54 @@ def _enhanced_mr(ds) -> dict[str, Any]:
     return out
 
 
+# Bytes read ahead and parsed in memory; classic headers take 1-20 KiB, and a
+# header longer than this (large enhanced multi-frame objects) is parsed from
+# the file.
+PREFIX_BYTES = 64 * 1024
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _parse(src):
+    """(data set, forced) from a file-like at 0; (None, True) when it is not DICOM."""
+    try:
+        return pydicom.dcmread(src, stop_before_pixels=True,
+                               specific_tags=SPECIFIC_TAGS), False
+    except InvalidDicomError:
+        # No preamble/"DICM": an old or raw dataset, or not DICOM at all.
+        # force=True parses anything, so accept only what really looks
+        # like a DICOM object.
+        src.seek(0)
+        ds = pydicom.dcmread(src, stop_before_pixels=True, force=True,
+                             specific_tags=SPECIFIC_TAGS)
+        if not (_text(ds, "SOPClassUID") or
+                (_text(ds, "Modality") and _text(ds, "SeriesInstanceUID"))):
+            return None, True
+        return ds, True
+
+
+def _stopped_at_pixels(src: io.BytesIO, ds, prefix: bytes) -> bool:
+    """Whether a parse of the ``prefix`` of a longer file is the parse of the file.
+
+    It is when the parse stopped at a Pixel Data element whose element header
+    lies inside the prefix: every element before it was then read from bytes
+    that are the file's own. A header cut by the prefix instead ends the parse
+    at (or raises at) the end of the prefix. Deflated data sets are inflated
+    from the rest of the file, so they are always parsed from the file.
+    """
+    if ds is None:
+        return False
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+        return False
+    pos = src.tell()
+    if pos + 12 > len(prefix):
+        return False
+    head = prefix[pos:pos + 4]
+    is_little = ds.original_encoding[1]
+    group, elem = struct.unpack("<HH" if is_little is not False else ">HH", head)
+    return (group << 16 | elem) in _PIXEL_TAGS
+
+
 def read_header(path: str, secret: bytes) -> dict[str, Any]:
     """One file → a record (dict of plain values). Never raises for bad input.
 
@@ -375,20 +468,32 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
         file_size = os.path.getsize(path)
         with open(path, "rb") as fp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid VR values are handled per value below
-            forced = False
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=SPECIFIC_TAGS)
-            except InvalidDicomError:
-                forced = True
-                # No preamble/"DICM": an old or raw dataset, or not DICOM at all.
-                # force=True parses anything, so accept only what really looks
-                # like a DICOM object.
-                fp.seek(0)
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True,
-                                     specific_tags=SPECIFIC_TAGS)
-                if not (_text(ds, "SOPClassUID") or
-                        (_text(ds, "Modality") and _text(ds, "SeriesInstanceUID"))):
-                    return {"status": "unreadable", "detail": "not a DICOM file"}
+            # Parse from the file's first bytes in memory: pydicom asks the file
+            # for its position several times per element, and on a real file each
+            # ask is a system call (a third of the parse time). When the header
+            # does not fit the prefix, parse the file itself.
+            prefix = fp.read(PREFIX_BYTES)
+            src = io.BytesIO(prefix)
+            whole = len(prefix) >= file_size
+            parsed = None
+            if not whole:
+                try:
+                    parsed = _parse(src)
+                except Exception:  # noqa: BLE001 -- the prefix may end mid-element
+                    parsed = None
+                if parsed is not None and not _stopped_at_pixels(src, parsed[0], prefix):
+                    parsed = None
+                if parsed is None:
+                    fp.seek(0)
+                    src = fp
+            if parsed is None:
+                parsed = _parse(src)
+            ds, forced = parsed
+            if ds is None:
+                return {"status": "unreadable", "detail": "not a DICOM file"}
+            if src is not fp and not whole:
+                fp.seek(src.tell())
+                src = fp  # the pixel check may look at the end of the file
             media_class = ""
             meta = getattr(ds, "file_meta", None)
             if meta is not None:
@@ -415,7 +520,7 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
                 return {"status": "unreadable", "detail": "image without SeriesInstanceUID"}
             # A file whose pixels are cut short keeps its header facts (so it is
             # counted in its series) but is itself unreadable.
-            problem = _check_pixel_data(fp, ds, file_size, n_frames)
+            problem = _check_pixel_data(src, ds, file_size, n_frames)
             if problem:
                 record.update(status="unreadable", detail=problem)
             record.update({
