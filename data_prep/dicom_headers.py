@@ -56,6 +56,8 @@ _KEYWORDS = (
     # enhanced multi-frame
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 )
+# File meta elements the reader checks (the meta group is always read whole).
+_META_KEYWORDS = ("MediaStorageSOPClassUID", "TransferSyntaxUID", "FileMetaInformationGroupLength")
 # TCIA exports carry the collection name in a private block "CTP" (0013,xx10).
 _CTP_CREATOR = 0x00130010
 _CTP_PROJECT = 0x00131010
@@ -82,7 +84,7 @@ _ASCII_VRS = frozenset({"DS", "IS", "CS", "UI", "DA", "TM", "AS"})
 _TEXT_VRS = frozenset({"LO", "SH", "UC"})
 # Single binary numbers: struct format per VR.
 _NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
-_TAG_OF = {k: tag_for_keyword(k) for k in _KEYWORDS}
+_TAG_OF = {k: tag_for_keyword(k) for k in _KEYWORDS + _META_KEYWORDS}
 # Implicit-VR files carry no VR: the data dictionary gives it (none of these is ambiguous).
 _DICT_VR = {tag: dictionary_VR(tag) for tag in _TAG_OF.values()}
 _ESC = 0x1B
@@ -136,7 +138,9 @@ def _get(ds, keyword: str):
     tag = _TAG_OF.get(keyword)
     if tag is not None:
         try:
-            elem = ds.get_item(tag)
+            # The element store itself: Dataset.get_item first normalises the key
+            # with Tag(), which costs as much as the lookup, 40 times per file.
+            elem = ds._dict.get(tag)  # noqa: SLF001
         except Exception:  # noqa: BLE001
             elem = None
         if elem is None:
@@ -274,8 +278,8 @@ def _check_pixel_data(fp, ds, file_size: int, n_frames: int) -> str:
     pixel element. Reads at most 12 bytes (+8 at the end for encapsulated data).
     """
     meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if syntax == "1.2.840.10008.1.2.1.99":
+    syntax = _text(meta, "TransferSyntaxUID") if meta is not None else ""
+    if syntax == _DEFLATED:
         # Deflated: pydicom inflated the data set into memory, so the file
         # offset says nothing; the volume builder's decode is the check.
         return ""
@@ -446,7 +450,7 @@ def _stopped_at_pixels(src: io.BytesIO, ds, prefix: bytes) -> bool:
     if ds is None:
         return False
     meta = getattr(ds, "file_meta", None)
-    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+    if meta is not None and _text(meta, "TransferSyntaxUID") == _DEFLATED:
         return False
     pos = src.tell()
     if pos + 12 > len(prefix):
@@ -497,8 +501,8 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
             media_class = ""
             meta = getattr(ds, "file_meta", None)
             if meta is not None:
-                media_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
-                group_len = meta.get("FileMetaInformationGroupLength")
+                media_class = _text(meta, "MediaStorageSOPClassUID")
+                group_len = _int(meta, "FileMetaInformationGroupLength")
                 # 128-byte preamble + "DICM" + the group-length element (12 bytes).
                 if not forced and group_len is not None and 144 + int(group_len) > file_size:
                     return {"status": "unreadable",
