@@ -80,6 +80,6 @@ def get_config(arg=None):
     c.heldout_collections = arg.heldout_collections  # comma-separated
 
     # --- reading ---
-    c.chunksize = 16                  # files per task sent to a worker
+    c.chunksize = 16                  # smallest number of files per worker task (large trees use up to 256)
     c.cache_flush_s = 2.0             # the cache is flushed at least this often
     return c
