@@ -68,10 +68,6 @@ _SEQ_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _SEQ_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 
 
-class HeaderError(Exception):
-    """A file whose header cannot be trusted (reported as ``unreadable``)."""
-
-
 def keyed_hash(secret: bytes, domain: str, value: str, digest_size: int = 16) -> str:
     """BLAKE2b keyed with the site secret: stable on one site, meaningless elsewhere."""
     h = hashlib.blake2b(key=secret[:64], digest_size=digest_size, person=domain.encode()[:16])
@@ -560,8 +556,6 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
                 record["bvalues"] = sorted(set(record["bvalues"]) | set(enhanced["bvalues"]))
                 record["agent_administered"] = enhanced["agent_administered"]
             return record
-    except HeaderError as e:
-        return {"status": "unreadable", "detail": str(e)}
     except Exception as e:  # noqa: BLE001 -- any parse failure is a recorded reason, not a crash
         message = str(e).splitlines()[0][:160] if str(e) else ""
         return {"status": "unreadable", "detail": f"{type(e).__name__}: {message}"}

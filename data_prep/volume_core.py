@@ -331,6 +331,12 @@ def _decode(ds, what: str) -> np.ndarray:
     samples = int(ds.get("SamplesPerPixel", 1))
     if samples != 1:
         raise SeriesError("decode_failed", f"{what}: {samples} samples per pixel, not greyscale")
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        # MONOCHROME1 shows the lowest value white (PS3.3 C.7.6.3.1.2): scaled as it is, it
+        # would reach the network with inverted grey levels next to MONOCHROME2 series.
+        # Rejected by name until inversion is implemented together with pixel padding.
+        raise SeriesError("decode_failed", f"{what}: MONOCHROME1 (inverted grey scale) is "
+                                           "not supported")
     try:
         pixels = ds.pixel_array
     except Exception as err:  # pydicom/pylibjpeg raise many types for corrupt streams

@@ -61,18 +61,6 @@ def select(scores: Sequence[float], threshold: float = 0.9) -> list[int]:
     return keep.tolist() if keep.size else [int(np.argmax(scores))]
 
 
-def to_model_input(windows_u8: np.ndarray) -> np.ndarray:
-    """uint8 ``[B, D, H, W]`` → float32 ``[B, D, H, W, 1]`` in [0, 1] (pretraining's scale)."""
-    return (np.asarray(windows_u8, np.float32) / 255.0)[..., None]
-
-
-def to_model_input_jnp(windows_u8):
-    """JAX twin of :func:`to_model_input`, for use inside jitted steps."""
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    return (jnp.asarray(windows_u8).astype(jnp.float32) * (1.0 / 255.0))[..., None]
-
-
 def propose_case(case_id: str, image_store, score_fn: ScoreFn, window_slices: int = 48,
                  stride: int = 8, threshold: float = 0.9, batch_size: int = 4) -> list[Window]:
     """Scores every window of one case (``image_store``: TensorStore/array ``[n, H, W]``)."""
@@ -135,22 +123,26 @@ def radnet_liver_scorer(model, variables) -> ScoreFn:
     """Liver coverage probability from a 3D-RADNet classifier (``model.apply``)."""
     import jax  # noqa: PLC0415
 
+    from radnet.data import augment  # noqa: PLC0415
+
     @jax.jit
-    def score(x):
-        logits = model.apply(variables, x, train=False)["coverage"]
-        return jax.nn.sigmoid(logits[:, LIVER].astype(jax.numpy.float32))
+    def score(variables, windows_u8):
+        # uint8 crosses to the device (a quarter of float32); the weights are an argument,
+        # not constants baked into the program.
+        logits = model.apply(variables, augment.to_unit_float(windows_u8), train=False)
+        return jax.nn.sigmoid(logits["coverage"][:, LIVER].astype(jax.numpy.float32))
 
-    return lambda windows: np.asarray(score(to_model_input(windows)))
+    def scorer(windows):
+        windows = np.asarray(windows)
+        n = len(windows)
+        # Pad to a power of two so a case's short last batch does not compile a new program.
+        padded = 1 << max(n - 1, 0).bit_length()
+        if padded != n:
+            windows = np.concatenate(
+                [windows, np.zeros((padded - n, *windows.shape[1:]), windows.dtype)])
+        return np.asarray(score(variables, windows))[:n]
 
-
-def scorer_from_workdir(workdir: str, step: int | None = None) -> ScoreFn:
-    """The liver scorer of a pretraining run (``radnet.train.checkpoint.load_for_inference``)."""
-    from radnet import models  # noqa: PLC0415
-    from radnet.train import checkpoint  # noqa: PLC0415
-
-    config, variables = checkpoint.load_for_inference(workdir, step=step)
-    model = models.get(config.model_name)(**config.model)
-    return radnet_liver_scorer(model, variables)
+    return scorer
 
 
 def main(argv):

@@ -166,6 +166,17 @@ def test_series_errors_carry_specific_reasons(tmp_path):
     assert err.value.reason == "decode_failed" and str(tmp_path) not in err.value.message
 
 
+def test_monochrome1_is_refused_by_name(tmp_path):
+    paths, _ = synth.write_body_series(str(tmp_path / "m1"), 10, 8, 8, slice_spacing_mm=2.0)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(p)
+    with pytest.raises(volume_core.SeriesError, match="MONOCHROME1") as err:
+        volume_core.build_volume(paths, opts((4, 8, 8)))
+    assert err.value.reason == "decode_failed"
+
+
 def test_multi_stack_file_gives_the_series_its_own_frames(tmp_path):
     rng = np.random.default_rng(2)
     axial, _ = synth.write_body_series(str(tmp_path / "a"), 9, 16, 16, orientation=synth.AXIAL,

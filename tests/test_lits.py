@@ -125,8 +125,9 @@ def test_build_dataset_manifest_splits_and_windows(tmp_path):
     splits = [rows[lits.case_id_of(k)]["split"] for k in range(7)]
     assert sorted(splits) == sorted(["train"] * 5 + ["val"] + ["test"])
     # Seeded: the same seed gives the same split, another seed (here) a different one.
-    assert lits.assign_splits([lits.case_id_of(k) for k in range(7)], seed=3) == {
-        lits.case_id_of(k): s for k, s in enumerate(splits)}
+    ids = [lits.case_id_of(k) for k in range(7)]
+    assert lits.assign_splits(ids, seed=3) == {lits.case_id_of(k): s for k, s in enumerate(splits)}
+    assert any(lits.assign_splits(ids, seed=s) != lits.assign_splits(ids, seed=3) for s in (4, 5, 6))
 
     assert lits.read_attributes(out)["in_plane"] == 6
     image, mask = lits.open_case(out, "lits-003")

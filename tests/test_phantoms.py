@@ -391,7 +391,9 @@ def test_named_regions_table():
 def test_generate_rejects_bad_patient_count(tmp_path):
     with pytest.raises(ValueError, match="patients"):
         phantoms.generate(str(tmp_path), patients=0)
-    assert math.isfinite(P.effective_spacing(5.0, 100))
+    # 100 slices at 5 mm resized to 48: 5 × 100 / 48 mm; 30 slices are padded, not stretched.
+    assert P.effective_spacing(5.0, 100) == pytest.approx(5.0 * 100 / 48)
+    assert P.effective_spacing(5.0, 30) == pytest.approx(5.0)
 
 
 def test_enhanced_mr_objects(archive, headers):

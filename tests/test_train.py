@@ -124,6 +124,17 @@ def test_one_step_train_and_eval(dataset, tmp_path):
         pipeline.eval_batches(dataset, split="val", batch_size=2),
         pretrain.sharding_lib.batch_sharding(mesh), dict(loaded_config.loss_weights))
     np.testing.assert_allclose(again["loss"], val[0]["loss"], rtol=1e-5)
+    # The logged accuracies are the restored model's on the val rows, recomputed here
+    # independently: argmax of a plain model.apply over every val volume, unknowns masked.
+    lab = schema.read_labels(dataset)
+    rows = np.flatnonzero(lab["split"] == labels.split_index("val"))
+    vols = schema.open_arrays(dataset, names=("volume",))["volume"].read().result()[rows]
+    direct = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, pretrain.model_inputs(jnp.asarray(vols)))
+    for head in labels.CLASS_HEADS:
+        known = lab[head][rows] >= 0
+        hits = np.argmax(np.asarray(direct[head]), -1)[known] == lab[head][rows][known]
+        assert val[0][f"{head}/accuracy"] == pytest.approx(hits.mean())
     means = [np.abs(v).max() for p, v in jax.tree_util.tree_leaves_with_path(
         variables["batch_stats"]) if "mean" in jax.tree_util.keystr(p)]
     assert means and max(means) > 0

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 from radnet.train import sharding as sharding_lib
 
@@ -150,9 +149,3 @@ def load_for_inference(workdir: str, step: int | None = None):
     return config, variables
 
 
-def latest_step(manager: ocp.CheckpointManager) -> int | None:
-    return manager.latest_step()
-
-
-def workdir_exists(workdir: str) -> bool:
-    return epath.Path(workdir).exists()

@@ -42,6 +42,7 @@ from absl import logging
 
 from data_prep import lits
 from radnet import models, proposal, seg_metrics
+from radnet.data import augment
 from radnet.train import transfer
 
 STATE_ITEM = "state"
@@ -152,7 +153,7 @@ def make_train_step(model, tx, param_labels, stat_labels, smooth: float):
     """Pure ``train_step(state, batch) -> (state, metrics)``; frozen leaves copied through."""
 
     def train_step(state, batch):
-        x = proposal.to_model_input_jnp(batch["image"])
+        x = augment.to_unit_float(batch["image"])
 
         def loss_fn(params):
             # No gradient into frozen leaves: XLA then drops their backward pass (for
@@ -181,7 +182,7 @@ def make_train_step(model, tx, param_labels, stat_labels, smooth: float):
 def make_predict(model):
     def predict(params, batch_stats, images):
         logits = model.apply({"params": params, "batch_stats": batch_stats},
-                             proposal.to_model_input_jnp(images), train=False)
+                             augment.to_unit_float(images), train=False)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
     return predict
 
@@ -355,6 +356,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     param_labels = transfer.label_tree(variables["params"], config.freeze)
     stat_labels = transfer.label_tree(variables["batch_stats"], config.freeze)
 
+    if jax.process_count() > 1:
+        # Batches are placed with device_put and every file is written by the caller: both
+        # assume one process. Say so rather than fail obscurely or write files N times.
+        raise NotImplementedError("the segment task runs on one process (any number of its "
+                                  f"devices); this run has {jax.process_count()} processes")
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     replicated = jax.NamedSharding(mesh, jax.P())
     data_sharding = jax.NamedSharding(mesh, jax.P("data"))
@@ -433,6 +439,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = manager.restore(best_step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardRestore(jax.device_get(state))}))[STATE_ITEM]
     manager.close()
+    # Once onto the devices: the restore gives host arrays, which would otherwise be copied
+    # over again for every evaluation batch.
+    restored = jax.device_put(restored, replicated)
     if writer:
         writer.close()
 

@@ -57,11 +57,6 @@ def build_optimizer(config) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def input_shape(config, volume_shape) -> tuple[int, ...]:
-    """[1, D, H, W, 1]: one volume as the model sees it."""
-    return (1, *tuple(int(s) for s in volume_shape), 1)
-
-
 def make_init_fn(model, optimizer, volume_shape):
     def init(rng):
         variables = model.init(rng, jnp.zeros((1, *volume_shape, 1), jnp.float32), train=False)
