@@ -26,10 +26,11 @@ import warnings
 from typing import Any
 
 import pydicom
-from pydicom.dataelem import DataElement
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
+
+from data_prep import dicom_values
 
 # Bump when the record layout or its meaning changes: cached records made by an
 # older reader are then parsed again.
@@ -75,82 +76,7 @@ def keyed_hash(secret: bytes, domain: str, value: str, digest_size: int = 16) ->
     return h.hexdigest()
 
 
-_ASCII_VRS = frozenset({"DS", "IS", "CS", "UI", "DA", "TM", "AS"})
-# Multi-valued text VRs whose bytes depend on (0008,0005) Specific Character Set.
-_TEXT_VRS = frozenset({"LO", "SH", "UC"})
-# Single binary numbers: struct format per VR.
-_NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
-_TAG_OF = {k: tag_for_keyword(k) for k in _KEYWORDS + _META_KEYWORDS}
-# Implicit-VR files carry no VR: the data dictionary gives it (none of these is ambiguous).
-_DICT_VR = {tag: dictionary_VR(tag) for tag in _TAG_OF.values()}
-_ESC = 0x1B
-
-
-def _raw_value(ds, elem, tag: int):
-    """The value of a raw (unconverted) element, decoded as pydicom would; _SLOW if unsure.
-
-    pydicom's general conversion (hooks, validation, value classes) costs more
-    than the parse itself, and the index reads a dozen values per file, so the
-    common cases are decoded here straight from the bytes: numbers, codes and
-    UIDs (ASCII by the standard), single binary numbers, and text without ISO
-    2022 escape sequences (decoded with the data set's character set, exactly
-    pydicom's own shortcut). Anything else goes through pydicom.
-    """
-    raw = elem.value
-    if not isinstance(raw, bytes):
-        return _SLOW
-    vr = elem.VR
-    if vr is None:  # implicit VR
-        vr = _DICT_VR.get(tag)
-    if vr in _ASCII_VRS:
-        text = raw.decode("latin-1").strip(" \x00")
-        if vr in ("DS", "IS"):
-            return text if "\\" not in text else text.split("\\")
-        return text
-    fmt = _NUMBER_FORMATS.get(vr)
-    if fmt is not None:
-        if not raw:
-            return None
-        if len(raw) != struct.calcsize(fmt):
-            return _SLOW
-        return struct.unpack(("<" if elem.is_little_endian else ">") + fmt, raw)[0]
-    if vr in _TEXT_VRS and _ESC not in raw:
-        encodings = ds._character_set  # noqa: SLF001 -- the set pydicom itself decodes with
-        first = encodings if isinstance(encodings, str) else encodings[0]
-        try:
-            text = raw.decode(first)
-        except (UnicodeError, LookupError):
-            return _SLOW
-        values = [v.rstrip("\0 ") for v in text.split("\\")]
-        return values[0] if len(values) == 1 else values
-    return _SLOW
-
-
-_SLOW = object()
-
-
-def _get(ds, keyword: str):
-    """Element value or None; a value that fails to convert counts as absent."""
-    tag = _TAG_OF.get(keyword)
-    if tag is not None:
-        try:
-            # The element store itself: Dataset.get_item first normalises the key
-            # with Tag(), which costs as much as the lookup, 40 times per file.
-            elem = ds._dict.get(tag)  # noqa: SLF001
-        except Exception:  # noqa: BLE001
-            elem = None
-        if elem is None:
-            return None
-        if isinstance(elem, DataElement):  # converted already (sequences, repeated reads)
-            return elem.value
-        value = _raw_value(ds, elem, tag)
-        if value is not _SLOW:
-            return value
-    try:
-        value = ds.get(keyword)
-    except Exception:  # noqa: BLE001 -- malformed value: treat as missing, the run goes on
-        return None
-    return value
+_get = dicom_values.value
 
 
 def _text(ds, keyword: str) -> str:
@@ -174,20 +100,7 @@ def _strings(ds, keyword: str) -> list[str]:
         return [str(value).strip().upper()]
 
 
-def _floats(ds, keyword: str) -> list[float] | None:
-    value = _get(ds, keyword)
-    if value is None or value == "":
-        return None
-    try:
-        if isinstance(value, (str, bytes)):
-            parts = value.decode() if isinstance(value, bytes) else value
-            return [float(v) for v in parts.split("\\") if v.strip()]
-        try:
-            return [float(v) for v in value]
-        except TypeError:
-            return [float(value)]
-    except (TypeError, ValueError):
-        return None
+_floats = dicom_values.numbers
 
 
 def _int(ds, keyword: str) -> int | None:

@@ -150,6 +150,7 @@ def _init_worker(out: str, dicom_root: str, options: volume_core.VolumeOptions,
     _WORKER["markers"] = _kvstore(out, BUILD_PREFIX, context)
     _WORKER["dicom_root"] = dicom_root
     _WORKER["options"] = options
+    _WORKER["workspace"] = volume_core.Workspace(options)  # buffers kept across series
     _WORKER["pending"] = None  # (chunk write future, outcome) of the series in flight
     if finalizer:
         # A pool worker completes its last write when it exits normally (pool.close()).
@@ -199,7 +200,8 @@ def _work(task: Task) -> dict:
             # frames the index split into several series is listed under one of them.
             raise volume_core.SeriesError("decode_failed", "files.csv lists no included file "
                                           "for this series")
-        built = volume_core.build_volume(abs_paths, options, orientation=task.orientation)
+        built = volume_core.build_volume(abs_paths, options, orientation=task.orientation,
+                                         workspace=_WORKER["workspace"])
     except volume_core.SeriesError as err:
         outcome.update(status="excluded", reason=err.reason,
                        message=_scrub(err.message, abs_paths, root), **err.info)

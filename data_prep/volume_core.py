@@ -27,10 +27,12 @@ effective spacing = spacing · n_slices / num_slices.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
+
+from data_prep import dicom_values
 from pydicom.multival import MultiValue
 
 # Two frames closer than this along the normal are the same slice position (a repeated
@@ -129,56 +131,186 @@ def apply_taps(x: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> np.n
 class PlaneResizer:
     """Resizes 2-D frames [rows, cols] to (out_rows, out_cols); taps cached per shape.
 
-    With two taps per axis (plain linear) each output pixel is a weighted sum of four
-    input pixels, gathered straight from the decoded frame: the cost scales with the
-    output size, not the input size, so resizing stays cheap next to decoding. Wider
-    anti-aliasing kernels are applied separably.
+    Plain linear (two taps per axis) runs separably as two interpolations: whole input
+    rows are picked for each output row (contiguous copies) and blended, then the
+    columns of that [out_rows, cols] intermediate; the cost scales with the output
+    size, not the input size, so resizing stays cheap next to decoding. Every
+    intermediate lives in a buffer kept between calls, so resizing a frame into
+    ``out`` allocates nothing and never touches fresh pages (page faults, not
+    arithmetic, were the measured cost). Wider anti-aliasing kernels are applied
+    with :func:`apply_taps`.
     """
 
     def __init__(self, out_rows: int, out_cols: int, antialias: bool):
         self.out = (out_rows, out_cols)
         self.antialias = antialias
         self._plans: dict[tuple[int, int], tuple] = {}
+        self._buffers: dict[tuple, np.ndarray] = {}
 
     def _plan(self, shape: tuple[int, int]):
         (ri, rw), (ci, cw) = (linear_taps(shape[0], self.out[0], self.antialias),
                               linear_taps(shape[1], self.out[1], self.antialias))
-        if ri.shape[1] * ci.shape[1] <= 4:
-            flat = (ri[:, None, :, None] * shape[1] + ci[None, :, None, :])  # [R, C, Kr, Kc]
-            weight = rw[:, None, :, None] * cw[None, :, None, :]
-            k = ri.shape[1] * ci.shape[1]
-            return ("gather", flat.reshape(*self.out, k).transpose(2, 0, 1).copy(),
-                    weight.reshape(*self.out, k).transpose(2, 0, 1).astype(np.float32).copy())
+        if ri.shape[1] == 2 and ci.shape[1] == 2:
+            # out = lo + (hi − lo) · w, per axis (w: the weight of the upper neighbour).
+            return ("lerp", ri[:, 0].astype(np.intp), ri[:, 1].astype(np.intp),
+                    rw[:, 1:2].astype(np.float32), ci[:, 0].astype(np.intp),
+                    ci[:, 1].astype(np.intp), cw[:, 1].astype(np.float32))
         return ("separable", (ri, rw), (ci, cw))
 
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
-        """[rows, cols] any numeric dtype → float32 [out_rows, out_cols]."""
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        key = (name, shape, np.dtype(dtype).str)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = np.empty(shape, dtype)
+        return buf
+
+    def __call__(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[rows, cols] any numeric dtype → float32 [out_rows, out_cols] (into ``out`` if given)."""
         key = frame.shape
         if key not in self._plans:
             self._plans[key] = self._plan(key)
         plan = self._plans[key]
-        if plan[0] == "gather":
-            _, flat, weight = plan
-            taps = np.ravel(frame).take(flat).astype(np.float32)  # [K, out_rows, out_cols]
-            taps *= weight
-            return taps.sum(axis=0)
+        if out is None:
+            out = np.empty(self.out, np.float32)
+        if plan[0] == "lerp":
+            _, r_lo, r_hi, w_row, c_lo, c_hi, w_col = plan
+            if frame.dtype == np.bool_:
+                frame = frame.view(np.uint8)
+            between = (self.out[0], key[1])
+            lower = self._buffer("lower", between, np.float32)
+            upper = self._buffer("upper", between, np.float32)
+            # mode="clip": the indices are in range by construction, and an unbuffered
+            # take writes straight into the kept buffers.
+            for rows, dest in ((r_lo, lower), (r_hi, upper)):
+                picked = self._buffer("picked", between, frame.dtype)
+                np.take(frame, rows, axis=0, out=picked, mode="clip")
+                np.copyto(dest, picked, casting="unsafe")
+            upper -= lower
+            upper *= w_row
+            lower += upper  # the rows, interpolated: [out_rows, cols]
+            right = self._buffer("right", self.out, np.float32)
+            np.take(lower, c_lo, axis=1, out=out, mode="clip")
+            np.take(lower, c_hi, axis=1, out=right, mode="clip")
+            right -= out
+            right *= w_col
+            out += right
+            return out
         _, (ri, rw), (ci, cw) = plan
         # Rows first: the intermediate is out_rows × cols, the cheaper order when shrinking.
-        return apply_taps(apply_taps(frame, ri, rw, 0), ci, cw, 1)
+        out[...] = apply_taps(apply_taps(frame, ri, rw, 0), ci, cw, 1)
+        return out
 
 
-def resample_slices(stack, positions_mm: np.ndarray, num_slices: int) -> np.ndarray:
+class Workspace:
+    """Memory one worker reuses from series to series.
+
+    A series' resized frames go into slots of fixed blocks, and the float volume into
+    one kept buffer, so building a series of hundreds of slices allocates (and faults
+    in) no fresh pages once the first series has been built. The blocks stay as many
+    as the largest series needed, up to ``keep_frames``; blocks beyond that are
+    released when the next series starts, so memory stays bounded by the current
+    series.
+    """
+
+    BLOCK = 32
+
+    def __init__(self, options: "VolumeOptions", keep_frames: int = 1024):
+        _, rows, cols = options.volume_shape
+        self.frame_shape = (rows, cols)
+        self.antialias = options.antialias
+        self.resize = PlaneResizer(rows, cols, options.antialias)
+        self.keep_blocks = max(1, keep_frames // self.BLOCK)
+        self._blocks: list[np.ndarray] = []
+        self._used = 0
+        self._volume = np.empty((0, rows, cols), np.float32)
+        self._scratch: dict[tuple, np.ndarray] = {}
+        self._pad_cache: tuple | None = None  # (mask, fraction, count) of the last padded frame
+
+    def fits(self, options: "VolumeOptions") -> bool:
+        return (tuple(options.volume_shape[1:]) == self.frame_shape
+                and options.antialias == self.antialias)
+
+    def start_series(self) -> None:
+        self._used = 0
+        del self._blocks[self.keep_blocks:]
+
+    def frame(self) -> np.ndarray:
+        """A free float32 [rows, cols] slot for the current series."""
+        block, k = divmod(self._used, self.BLOCK)
+        if block == len(self._blocks):
+            self._blocks.append(np.empty((self.BLOCK, *self.frame_shape), np.float32))
+        self._used += 1
+        return self._blocks[block][k]
+
+    def pad_fraction(self, mask: np.ndarray) -> tuple[np.ndarray | None, int]:
+        """(resized ``mask``: the share of padding in each output pixel, or None when
+        nothing is padded; the number of padded pixels).
+
+        The padding of a CT series is the region outside the reconstruction circle,
+        the same in every slice: a mask equal to the previous one reuses its fraction
+        (exactly the same values) instead of resizing it again. Treat the returned
+        array as read-only; frames share it.
+        """
+        cached = self._pad_cache
+        if cached is not None and cached[0].shape == mask.shape:
+            differs = self.scratch("pad_differs", mask.shape, np.bool_)
+            if not np.not_equal(mask, cached[0], out=differs).any():
+                return cached[1], cached[2]
+        count = int(np.count_nonzero(mask))
+        fraction = self.resize(mask) if count else None  # a new array: older frames keep theirs
+        kept = self.scratch("pad_cached_mask", mask.shape, np.bool_)
+        np.copyto(kept, mask)
+        self._pad_cache = (kept, fraction, count, {})
+        return fraction, count
+
+    def pad_bound(self, dtype, high: bool) -> np.ndarray:
+        """For the last mask of :meth:`pad_fraction`: the dtype's maximum (``high``) or
+        minimum on padded pixels and the other extreme elsewhere, so that an elementwise
+        max (min) with the stored values pushes exactly the padding out of the way."""
+        mask, _, _, bounds = self._pad_cache
+        key = (np.dtype(dtype).str, high)
+        if key not in bounds:
+            info = np.iinfo(dtype)
+            far, near = (info.max, info.min) if high else (info.min, info.max)
+            bounds[key] = np.where(mask, dtype.type(far), dtype.type(near))
+        return bounds[key]
+
+    def scratch(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A kept buffer ``name`` for temporaries of one file (overwritten by the next)."""
+        key = (name, tuple(shape), np.dtype(dtype).str)
+        buf = self._scratch.get(key)
+        if buf is None:
+            if len(self._scratch) > 16:  # a worker meeting many frame sizes keeps few
+                self._scratch.clear()
+                self._pad_cache = None
+            buf = self._scratch[key] = np.empty(shape, dtype)
+        return buf
+
+    def volume(self, n: int) -> np.ndarray:
+        """A float32 [n, rows, cols] buffer (overwritten by the next call)."""
+        if self._volume.shape[0] < n:
+            self._volume = np.empty((n, *self.frame_shape), np.float32)
+        return self._volume[:n]
+
+
+def resample_slices(stack, positions_mm: np.ndarray, num_slices: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """[n, H, W] slices (an array or a list of [H, W]) at ascending ``positions_mm`` → [num_slices, H, W] by position.
 
     The output covers the same extent as the input voxels (first centre − gap/2 to last
     centre + gap/2) in ``num_slices`` equal steps; each output slice is interpolated
     linearly between the two input slices around its centre. For evenly spaced input this
     is exactly the half-pixel linear resize; for slightly uneven spacing it follows the
-    true positions instead of assuming the slices are evenly spaced.
+    true positions instead of assuming the slices are evenly spaced. ``out``: a float32
+    [num_slices, H, W] buffer to fill (else one is allocated).
     """
     n = len(stack)
+    if out is None:
+        out = np.empty((num_slices, *stack[0].shape), np.float32)
     if n == num_slices:
-        return np.stack(stack).astype(np.float32, copy=False)
+        for k in range(n):
+            out[k] = stack[k]
+        return out
     gap = (positions_mm[-1] - positions_mm[0]) / (n - 1)
     step = gap * n / num_slices
     centres = positions_mm[0] - gap / 2 + (np.arange(num_slices) + 0.5) * step
@@ -186,7 +318,6 @@ def resample_slices(stack, positions_mm: np.ndarray, num_slices: int) -> np.ndar
     lo = np.floor(frac_index).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
     frac = (frac_index - lo).astype(np.float32)
-    out = np.empty((num_slices, *stack[0].shape), np.float32)
     for k in range(num_slices):  # slice by slice: no [n, H, W] temporaries
         np.multiply(stack[lo[k]], 1.0 - frac[k], out=out[k])
         if frac[k]:
@@ -197,12 +328,13 @@ def resample_slices(stack, positions_mm: np.ndarray, num_slices: int) -> np.ndar
 # ---------------------------------------------------------------------- quantisation
 
 
-def to_uint8(volume: np.ndarray, options: VolumeOptions) -> np.ndarray:
+def to_uint8(volume: np.ndarray, options: VolumeOptions, in_place: bool = False) -> np.ndarray:
     """Float volume → uint8 with 256 grey levels; a constant volume → zeros (never NaN).
 
     ``minmax`` (the paper) maps [min, max] to [0, 255]; ``percentile`` clips at the
     given percentiles first (robust to a few hot pixels); ``window`` uses a fixed
-    CT window in HU (level ± width/2).
+    CT window in HU (level ± width/2). ``in_place``: scale inside ``volume`` (a float32
+    scratch buffer) instead of a copy.
     """
     if options.normalise == "minmax":
         lo, hi = float(volume.min()), float(volume.max())
@@ -216,7 +348,11 @@ def to_uint8(volume: np.ndarray, options: VolumeOptions) -> np.ndarray:
                          "choose minmax, percentile or window")
     if not hi > lo:
         return np.zeros(volume.shape, np.uint8)
-    scaled = volume - np.float32(lo)
+    if in_place and volume.dtype == np.float32:
+        scaled = volume
+        scaled -= np.float32(lo)
+    else:
+        scaled = volume - np.float32(lo)
     scaled *= np.float32(255.0 / (hi - lo))
     np.clip(scaled, 0.0, 255.0, out=scaled)
     return np.rint(scaled, out=scaled).astype(np.uint8)
@@ -259,15 +395,15 @@ class Padding:
 
     @classmethod
     def from_dataset(cls, ds) -> "Padding | None":
-        if "PixelPaddingValue" not in ds:
+        if not dicom_values.has(ds, "PixelPaddingValue"):
             return None
         # The two attributes take the pixel data's signedness (VR US or SS); a file that
         # encodes them with the other VR gets its bit pattern read back the right way.
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        bits = int(dicom_values.number(ds, "BitsAllocated") or 16)
+        signed = dicom_values.number(ds, "PixelRepresentation") == 1
 
         def value(keyword):
-            v = ds[keyword].value
+            v = dicom_values.value(ds, keyword)
             if isinstance(v, (list, tuple, MultiValue)):
                 v = v[0]
             v = int(v)
@@ -279,19 +415,26 @@ class Padding:
 
         try:
             pad = value("PixelPaddingValue")
-            limit = value("PixelPaddingRangeLimit") if "PixelPaddingRangeLimit" in ds else pad
+            limit = (value("PixelPaddingRangeLimit")
+                     if dicom_values.has(ds, "PixelPaddingRangeLimit") else pad)
         except (TypeError, ValueError, IndexError):
             return None  # an unreadable padding attribute cannot be honoured: no padding
         return cls(min(pad, limit), max(pad, limit))
 
-    def mask(self, stored: np.ndarray) -> np.ndarray:
-        """bool [rows, cols]: which stored values are padding."""
+    def mask(self, stored: np.ndarray, out: np.ndarray | None = None,
+             scratch: np.ndarray | None = None) -> np.ndarray:
+        """bool [rows, cols]: which stored values are padding (into ``out``, using
+        ``scratch`` of the same shape for a range, when given)."""
         if self.low == self.high:
-            return stored == self.low
-        return (stored >= self.low) & (stored <= self.high)
+            return np.equal(stored, self.low, out=out)
+        out = np.greater_equal(stored, self.low, out=out)
+        out &= np.less_equal(stored, self.high, out=scratch)
+        return out
 
 
 def _floats(value, count: int, what: str) -> np.ndarray:
+    if isinstance(value, (str, bytes, int, float)):  # one value (raw text or converted)
+        value = [value]
     try:
         out = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
@@ -327,16 +470,78 @@ def _rescale(pixels: np.ndarray, slope, intercept) -> np.ndarray:
     return out
 
 
-def _decode(ds, what: str) -> np.ndarray:
-    samples = int(ds.get("SamplesPerPixel", 1))
+# Uncompressed little-endian transfer syntaxes (deflate only compresses the file): the
+# pixel data element holds the stored values as they are.
+_NATIVE_LITTLE_ENDIAN = frozenset({pydicom.uid.ImplicitVRLittleEndian,
+                                   pydicom.uid.ExplicitVRLittleEndian,
+                                   pydicom.uid.DeflatedExplicitVRLittleEndian})
+
+
+def native_pixels(ds, scratch: Callable[[str, tuple, np.dtype], np.ndarray] | None = None
+                  ) -> np.ndarray | None:
+    """The stored values of uncompressed little-endian greyscale pixel data, or None.
+
+    The same values and dtype as pydicom's ``pixel_array`` (shape [frames, rows, cols]
+    for several frames), read straight from the element's bytes: pydicom's native
+    decoder copies the whole frame into a fresh array, which costs more than the
+    rest of reading the file once that memory has to be faulted in. Unused high bits
+    (Bits Stored < Bits Allocated) are dropped as pydicom does by default (PS3.5 8.1.1:
+    their content is undefined), with a sign extension for signed data, into
+    ``scratch("stored", shape, dtype)`` (a kept buffer) or a new array. None — let pydicom
+    decode (and report any problem) — for anything else: compressed or big-endian
+    data, float pixel data, colour, bit depths other than 8/16/32, or too few bytes.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = dicom_values.value(meta, "TransferSyntaxUID") if meta is not None else None
+    element = dicom_values.element(ds, "PixelData")
+    if syntax not in _NATIVE_LITTLE_ENDIAN or element is None:
+        return None
+    try:
+        data = element.value
+
+        def count(keyword, default=None):  # absent → default; malformed → ValueError
+            v = dicom_values.number(ds, keyword, default, strict=True)
+            if v is None or v != int(v):
+                raise ValueError(keyword)
+            return int(v)
+
+        bits = count("BitsAllocated")
+        stored_bits = count("BitsStored", bits)
+        signed = count("PixelRepresentation") == 1
+        rows, cols = count("Rows"), count("Columns")
+        frames = count("NumberOfFrames", 1)
+        samples = count("SamplesPerPixel", 1)
+    except (TypeError, ValueError):  # a missing or malformed attribute: pydicom decides
+        return None
+    count = rows * cols * frames
+    if (not isinstance(data, bytes) or samples != 1 or bits not in (8, 16, 32)
+            or not 0 < stored_bits <= bits or count <= 0 or len(data) < count * bits // 8):
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    shape = (frames, rows, cols) if frames > 1 else (rows, cols)
+    pixels = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    if stored_bits < bits:
+        shift = bits - stored_bits
+        out = scratch("stored", shape, dtype) if scratch is not None else np.empty(shape, dtype)
+        np.left_shift(pixels, shift, out=out)
+        np.right_shift(out, shift, out=out)  # arithmetic for signed: sign extension
+        pixels = out
+    return pixels
+
+
+def _decode(ds, what: str, scratch=None) -> np.ndarray:
+    samples = dicom_values.number(ds, "SamplesPerPixel", 1.0)
     if samples != 1:
-        raise SeriesError("decode_failed", f"{what}: {samples} samples per pixel, not greyscale")
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        raise SeriesError("decode_failed", f"{what}: {samples:g} samples per pixel, not greyscale")
+    if str(dicom_values.value(ds, "PhotometricInterpretation") or "").strip() == "MONOCHROME1":
         # MONOCHROME1 shows the lowest value white (PS3.3 C.7.6.3.1.2): scaled as it is, it
         # would reach the network with inverted grey levels next to MONOCHROME2 series.
         # Rejected by name until inversion is implemented together with pixel padding.
         raise SeriesError("decode_failed", f"{what}: MONOCHROME1 (inverted grey scale) is "
                                            "not supported")
+    pixels = native_pixels(ds, scratch)
+    if pixels is not None:
+        return pixels
     try:
         pixels = ds.pixel_array
     except Exception as err:  # pydicom/pylibjpeg raise many types for corrupt streams
@@ -346,85 +551,107 @@ def _decode(ds, what: str) -> np.ndarray:
     return pixels
 
 
-def _physical(stored: np.ndarray, resize: "PlaneResizer", slope, intercept,
-              padding: Padding | None, lut_ds=None) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+def _physical(stored: np.ndarray, workspace: "Workspace", slope, intercept,
+              padding: Padding | None, lut_ds=None
+              ) -> tuple[np.ndarray, np.ndarray | None, float | None]:
     """One stored frame → (resized physical values, pad fraction, least non-padded value).
 
-    The least value is taken at full resolution in a file that declares padding (it
-    fills the padded pixels of the series), else from the resized frame (cheap; it only
+    The resized values (and the pad fraction) go into slots of ``workspace``. The
+    least value is taken at full resolution in a file that declares padding (it fills
+    the padded pixels of the series), else from the resized frame (cheap; it only
     matters for a series mixing files with and without padding). The pad fraction is
     None when no pixel is padded. ``lut_ds``: a dataset whose Modality LUT Sequence
     replaces the rescale (rare for CT/MR; pydicom applies the LUT exactly).
     """
+    resize, out = workspace.resize, workspace.frame()
     if padding is not None and stored.dtype.kind in "iu":
-        return _physical_padded(stored, padding.mask(stored), resize, slope, intercept, lut_ds,
-                                padding.low if padding.low == padding.high else None)
+        return _physical_padded(stored, padding, workspace, slope, intercept, lut_ds, out)
     if lut_ds is not None:
         from pydicom.pixels import apply_modality_lut
-        physical = resize(np.asarray(apply_modality_lut(stored, lut_ds), dtype=np.float32))
+        physical = resize(np.asarray(apply_modality_lut(stored, lut_ds), dtype=np.float32), out)
     else:
         # The rescale is affine and the resize weights sum to one, so resizing the stored
         # values first is exact and rescales out_rows × out_cols values instead of all.
-        physical = _rescale(resize(stored), slope, intercept)
+        physical = _rescale(resize(stored, out), slope, intercept)
     return physical, None, float(physical.min())
 
 
-def _physical_padded(stored, mask, resize, slope, intercept, lut_ds, pad_value=None):
-    """As :func:`_physical` for a file that declares padding; ``mask``: its padded pixels."""
-    keep = ~mask
-    padded = not keep.all()
-    fraction = resize(mask) if padded else None  # share of padding in each output pixel
-    if not keep.any():
-        return np.zeros_like(fraction), fraction, None
+def _physical_padded(stored, padding, workspace, slope, intercept, lut_ds, out):
+    """As :func:`_physical` for a file that declares padding.
+
+    Full-resolution temporaries live in the workspace's scratch buffers: a CT series
+    with padding in every slice would otherwise fault in fresh memory several times
+    per slice.
+    """
+    resize, scratch = workspace.resize, workspace.scratch
+    mask = padding.mask(stored, out=scratch("pad_mask", stored.shape, np.bool_),
+                        scratch=scratch("pad_mask_upper", stored.shape, np.bool_))
+    fraction, n_padded = workspace.pad_fraction(mask)  # padding share per output pixel
+    if n_padded == mask.size:
+        out[...] = 0
+        return out, fraction, None
     if lut_ds is not None:
         from pydicom.pixels import apply_modality_lut
         physical = np.asarray(apply_modality_lut(stored, lut_ds), dtype=np.float32)
-        least = float(physical[keep].min())
-        return resize(np.where(mask, np.float32(0), physical)), fraction, least
+        least = float(physical[~mask].min())
+        return resize(np.where(mask, np.float32(0), physical), out), fraction, least
     s = 1.0 if slope is None else float(slope)
     b = 0.0 if intercept is None else float(intercept)
     info = np.iinfo(stored.dtype)
-    # The least physical value is the least stored one for slope > 0 (the usual case).
-    # (np.where + min is several times faster than a masked reduction, min(where=…).)
-    if s >= 0:
-        least_stored = float(np.where(mask, info.max, stored).min())
+    # The least physical value is the least stored one for slope > 0 (the usual case):
+    # the stored values with padding pushed to the dtype's far end, reduced. (An
+    # elementwise max/min with a per-mask bound array is several times faster than a
+    # masked copy or a masked reduction.)
+    if n_padded:
+        real = scratch("pad_real", stored.shape, stored.dtype)
+        bound = workspace.pad_bound(stored.dtype, high=s >= 0)
+        (np.maximum if s >= 0 else np.minimum)(stored, bound, out=real)
     else:
-        least_stored = float(np.where(mask, info.min, stored).max())
-    if not padded:
-        return _rescale(resize(stored), s, b), None, s * least_stored + b
+        real = stored
+    least_stored = float(real.min() if s >= 0 else real.max())
+    if not n_padded:
+        return _rescale(resize(stored, out), s, b), None, s * least_stored + b
     # Padded pixels count as 0: resize(stored with padding → 0) · slope + intercept ·
     # (1 − fraction) is the resized physical frame without them, exactly. With one
     # padding value (the usual case) that is resize(stored) − value · fraction, which
     # spares a full-resolution pass.
-    if pad_value is not None:
-        physical = resize(stored)
-        physical -= np.float32(pad_value) * fraction
+    term = scratch("pad_term", out.shape, np.float32)
+    if padding.low == padding.high:
+        physical = resize(stored, out)
+        np.multiply(fraction, np.float32(padding.low), out=term)
+        physical -= term
     else:
-        physical = resize(np.where(mask, stored.dtype.type(0), stored))
+        np.copyto(real, stored)
+        np.copyto(real, 0, where=mask)  # a range of padding values (rare): a masked copy
+        physical = resize(real, out)
     physical *= np.float32(s)
     if b:
-        physical += np.float32(b) * (np.float32(1.0) - fraction)
+        np.subtract(np.float32(1.0), fraction, out=term)
+        term *= np.float32(b)
+        physical += term
     return physical, fraction, s * least_stored + b
 
 
-def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Frame]:
-    """All frames of one DICOM file, rescaled to physical values and resized in-plane."""
+def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[Frame]:
+    """All frames of one DICOM file, rescaled to physical values and resized in-plane
+    into slots of ``workspace``."""
     try:
         ds = pydicom.dcmread(path)
     except Exception as err:
         raise SeriesError("decode_failed", f"{what}: unreadable: {type(err).__name__}: {err}") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if not any(dicom_values.has(ds, k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise SeriesError("decode_failed", f"{what}: no pixel data")
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, cols = _count(ds, "Rows", what), _count(ds, "Columns", what)
+    n_frames = int(dicom_values.number(ds, "NumberOfFrames") or 1)
     padding = Padding.from_dataset(ds)
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    per_frame = (dicom_values.value(ds, "PerFrameFunctionalGroupsSequence")
+                 if dicom_values.has(ds, "PerFrameFunctionalGroupsSequence") else None)
     if per_frame is not None:  # enhanced multi-frame: geometry and rescale per frame
         shared = _first_item(ds, "SharedFunctionalGroupsSequence")
         if len(per_frame) != n_frames:
             raise SeriesError("inconsistent_geometry",
                               f"{what}: {len(per_frame)} frame groups for {n_frames} frames")
-        pixels = _decode(ds, what).reshape(n_frames, rows, cols)
+        pixels = _decode(ds, what, workspace.scratch).reshape(n_frames, rows, cols)
         frames = []
         for k, group in enumerate(per_frame):
             ipp = _group_value(group, shared, "PlanePositionSequence", "ImagePositionPatient")
@@ -433,7 +660,7 @@ def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Fra
                 raise SeriesError("inconsistent_geometry", f"{what}: frame {k + 1} has no plane position/orientation")
             slope = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleSlope")
             intercept = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleIntercept")
-            physical, fraction, least = _physical(pixels[k], resize, slope, intercept, padding)
+            physical, fraction, least = _physical(pixels[k], workspace, slope, intercept, padding)
             frames.append(Frame(_floats(ipp, 3, "ImagePositionPatient"),
                                 _floats(iop, 6, "ImageOrientationPatient"), rows, cols,
                                 physical, fraction, least))
@@ -441,15 +668,26 @@ def read_frames(path: str, resize: PlaneResizer, what: str = "file") -> list[Fra
     if n_frames != 1:
         raise SeriesError("inconsistent_geometry",
                           f"{what}: {n_frames} frames without per-frame positions")
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+    ipp = dicom_values.value(ds, "ImagePositionPatient")
+    iop = dicom_values.value(ds, "ImageOrientationPatient")
+    if ipp is None or iop is None:
         raise SeriesError("inconsistent_geometry", f"{what}: no ImagePositionPatient/ImageOrientationPatient")
-    pixels = _decode(ds, what)
+    position = _floats(ipp, 3, "ImagePositionPatient")
+    orientation = _floats(iop, 6, "ImageOrientationPatient")
+    pixels = _decode(ds, what, workspace.scratch)
     physical, fraction, least = _physical(
-        pixels, resize, ds.get("RescaleSlope"), ds.get("RescaleIntercept"), padding,
-        lut_ds=ds if "ModalityLUTSequence" in ds else None)
-    return [Frame(_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
-                  _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
-                  rows, cols, physical, fraction, least)]
+        pixels, workspace, dicom_values.value(ds, "RescaleSlope"),
+        dicom_values.value(ds, "RescaleIntercept"), padding,
+        lut_ds=ds if dicom_values.has(ds, "ModalityLUTSequence") else None)
+    return [Frame(position, orientation, rows, cols, physical, fraction, least)]
+
+
+def _count(ds, keyword: str, what: str) -> int:
+    """A required positive integer attribute (Rows, Columns)."""
+    value = dicom_values.number(ds, keyword)
+    if value is None or value < 1 or value != int(value):
+        raise SeriesError("decode_failed", f"{what}: {keyword} missing or invalid")
+    return int(value)
 
 
 def fill_padding(frames: Sequence[Frame]) -> None:
@@ -465,9 +703,13 @@ def fill_padding(frames: Sequence[Frame]) -> None:
         return
     least = [f.min_value for f in frames if f.min_value is not None]
     fill = np.float32(min(least) if least else 0.0)
+    term = None
     for f in frames:
-        if f.pad_fraction is not None:
-            f.pixels += fill * f.pad_fraction
+        if f.pad_fraction is not None:  # shared between frames: read only
+            if term is None:
+                term = np.empty_like(f.pixels)
+            np.multiply(f.pad_fraction, fill, out=term)
+            f.pixels += term
             f.pad_fraction = None
 
 
@@ -505,11 +747,16 @@ def order_frames(frames: list[Frame], max_orientation_deg: float = 1.0
         if (f.rows, f.columns) != (first.rows, first.columns):
             raise SeriesError("inconsistent_geometry",
                               f"image sizes differ: {first.rows}x{first.columns} and {f.rows}x{f.columns}")
-        if not same_orientation(f.orientation, first.orientation, max_orientation_deg):
-            raise SeriesError("inconsistent_geometry", "slice orientations differ within the series "
-                              f"(by more than {max_orientation_deg}°)")
+    # All frames at once: row and column cosines of each within the angle of the first's.
+    cosines = np.stack([f.orientation for f in frames]).reshape(-1, 2, 3)
+    norms = np.linalg.norm(cosines, axis=2, keepdims=True)
+    cosines = cosines / np.where(norms > 0, norms, 1.0)
+    agreement = np.einsum("fkc,kc->fk", cosines, cosines[0])
+    if np.any(agreement < np.cos(np.radians(max_orientation_deg))):
+        raise SeriesError("inconsistent_geometry", "slice orientations differ within the series "
+                          f"(by more than {max_orientation_deg}°)")
     normal = slice_normal(first.orientation)
-    positions = np.array([f.position @ normal for f in frames])
+    positions = np.stack([f.position for f in frames]) @ normal
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
     if len(positions) > 1 and np.min(np.diff(positions)) < DUPLICATE_POSITION_MM:
@@ -554,23 +801,28 @@ def check_spacing(positions_mm: np.ndarray, max_deviation: float) -> float:
 
 def build_volume(paths: Iterable[str], options: VolumeOptions,
                  names: Sequence[str] | None = None,
-                 orientation: Sequence[float] | None = None) -> BuiltVolume:
+                 orientation: Sequence[float] | None = None,
+                 workspace: Workspace | None = None) -> BuiltVolume:
     """DICOM files of one series (any order) → :class:`BuiltVolume`.
 
     ``names`` label the files in error messages (default: "file k"); never pass paths
     that could carry patient names into outputs. ``orientation``: the series' six
     cosines from the index, which pick the series' frames out of a multi-frame file
-    holding several stacks. Raises :class:`SeriesError`.
+    holding several stacks. ``workspace``: buffers kept between the series one worker
+    builds (see :class:`Workspace`); the returned volume never shares memory with it.
+    Raises :class:`SeriesError`.
     """
     num_slices, out_rows, out_cols = options.volume_shape
-    resize = PlaneResizer(out_rows, out_cols, options.antialias)
+    if workspace is None or not workspace.fits(options):
+        workspace = Workspace(options)
+    workspace.start_series()
     frames: list[Frame] = []
     paths = list(paths)
     if not paths:
         raise SeriesError("decode_failed", "the series has no files")
     for k, path in enumerate(paths):
         what = names[k] if names is not None else f"file {k + 1} of {len(paths)}"
-        frames.extend(frames_of_series(read_frames(path, resize, what), orientation,
+        frames.extend(frames_of_series(read_frames(path, workspace, what), orientation,
                                        options.max_orientation_deviation_deg, what))
     frames, positions = order_frames(frames, options.max_orientation_deviation_deg)
     fill_padding(frames)
@@ -598,8 +850,12 @@ def build_volume(paths: Iterable[str], options: VolumeOptions,
     if padded:
         volume = np.zeros((num_slices, out_rows, out_cols), np.uint8)
         before = (num_slices - n) // 2
-        volume[before:before + n] = to_uint8(np.stack(slices), options)
+        stack = workspace.volume(n)
+        for k, pixels in enumerate(slices):
+            stack[k] = pixels
+        volume[before:before + n] = to_uint8(stack, options, in_place=True)
     else:
-        volume = to_uint8(resample_slices(slices, positions, num_slices), options)
+        resampled = resample_slices(slices, positions, num_slices, out=workspace.volume(num_slices))
+        volume = to_uint8(resampled, options, in_place=True)
     return BuiltVolume(volume=volume, n_slices=n, rows=rows, columns=columns,
                        slice_spacing_mm=spacing, effective_spacing_mm=effective, padded=padded)

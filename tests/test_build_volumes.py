@@ -280,6 +280,99 @@ def test_padding_attributes_follow_pixel_representation(tmp_path):
     assert built.volume.dtype == np.uint8 and not built.volume.any()
 
 
+# ------------------------------------------------------------ native decode fast path
+
+
+def _pydicom_test_files():
+    import pydicom.data
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_native_pixels_equal_pydicom_on_its_own_test_files():
+    """The fast path returns exactly pydicom's pixel_array wherever it applies."""
+    import warnings
+    checked = set()
+    for path in _pydicom_test_files():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path)
+        except Exception:  # not DICOM, or a deliberately broken file
+            continue
+        if "PixelData" not in ds:
+            continue
+        fast = volume_core.native_pixels(ds)
+        if fast is None:
+            continue
+        ref = ds.pixel_array
+        assert fast.dtype == ref.dtype and fast.shape == ref.shape, path.name
+        np.testing.assert_array_equal(fast, ref, err_msg=path.name)
+        checked.add(path.name)
+    assert len(checked) >= 20 and {"CT_small.dcm", "MR_small.dcm"} <= checked
+
+
+@pytest.mark.parametrize("bits,stored,signed,frames", [
+    (16, 12, 1, 1), (16, 12, 0, 1), (16, 16, 1, 3), (8, 7, 1, 1), (32, 20, 1, 2)])
+def test_native_pixels_drop_unused_bits_as_pydicom(tmp_path, bits, stored, signed, frames):
+    """Garbage in the unused high bits (PS3.5 8.1.1) is dropped, with sign extension."""
+    rng = np.random.default_rng(bits + stored)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    raw = rng.integers(0, 2 ** bits, (frames, 6, 5), dtype=np.uint64).astype(f"<u{bits // 8}")
+    path = tmp_path / "x.dcm"
+    ds = synth_dataset(raw.view(dtype), stored)
+    ds.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    fast, ref = volume_core.native_pixels(ds), ds.pixel_array
+    assert fast.dtype == ref.dtype == dtype and fast.shape == ref.shape
+    np.testing.assert_array_equal(fast, ref)
+    if stored < bits:  # the garbage was there and is gone
+        assert not np.array_equal(fast, raw.view(dtype).reshape(fast.shape))
+    short = pydicom.dcmread(path)
+    short.PixelData = short.PixelData[:-2]  # too few bytes: pydicom decodes (and reports)
+    assert volume_core.native_pixels(short) is None
+
+
+def synth_dataset(pixels: np.ndarray, bits_stored: int) -> pydicom.Dataset:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    frames, rows, cols = pixels.shape
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored = pixels.dtype.itemsize * 8, bits_stored
+    ds.HighBit, ds.PixelRepresentation = bits_stored - 1, int(pixels.dtype.kind == "i")
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OB" if pixels.dtype.itemsize == 1 else "OW"
+    return ds
+
+
+def test_workspace_reuse_gives_the_same_volumes(tmp_path):
+    """One worker's kept buffers never leak one series into the next."""
+    rng = np.random.default_rng(3)
+    series = []
+    for k, (n, size, view) in enumerate([(12, 24, synth.AXIAL), (5, 20, synth.CORONAL),
+                                         (30, 24, synth.SAGITTAL), (12, 24, synth.AXIAL)]):
+        paths, _ = synth.write_body_series(str(tmp_path / f"s{k}"), n, size, size + 4,
+                                           orientation=view, rng=rng)
+        series.append(paths)
+    options = opts((8, 16, 16), max_effective_spacing_mm=100.0)
+    workspace = volume_core.Workspace(options, keep_frames=16)
+    for paths in series + series[::-1]:
+        fresh = volume_core.build_volume(paths, options).volume
+        reused = volume_core.build_volume(paths, options, workspace=workspace).volume
+        np.testing.assert_array_equal(fresh, reused)
+    assert len(workspace._blocks) <= 1 + 30 // workspace.BLOCK  # noqa: SLF001
+
+
 # ---------------------------------------------------------------------- the dataset
 
 
