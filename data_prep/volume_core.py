@@ -263,6 +263,19 @@ class Workspace:
         self._pad_cache = (kept, fraction, count, {})
         return fraction, count
 
+    def pad_offset(self, slope: float, intercept: float, pad_value: int) -> np.ndarray:
+        """For the last mask of :meth:`pad_fraction`: intercept − (slope · pad_value +
+        intercept) · fraction, float32 [out_rows, out_cols] (kept per rescale)."""
+        _, fraction, _, kept = self._pad_cache
+        key = ("offset", float(slope), float(intercept), int(pad_value))
+        if key not in kept:
+            if len(kept) > 8:  # per-slice rescales: keep only the current few
+                kept.clear()
+            offset = fraction * np.float32(-(slope * pad_value + intercept))
+            offset += np.float32(intercept)
+            kept[key] = offset
+        return kept[key]
+
     def pad_bound(self, dtype, high: bool) -> np.ndarray:
         """For the last mask of :meth:`pad_fraction`: the dtype's maximum (``high``) or
         minimum on padded pixels and the other extreme elsewhere, so that an elementwise
@@ -613,19 +626,21 @@ def _physical_padded(stored, padding, workspace, slope, intercept, lut_ds, out):
         return _rescale(resize(stored, out), s, b), None, s * least_stored + b
     # Padded pixels count as 0: resize(stored with padding → 0) · slope + intercept ·
     # (1 − fraction) is the resized physical frame without them, exactly. With one
-    # padding value (the usual case) that is resize(stored) − value · fraction, which
-    # spares a full-resolution pass.
-    term = scratch("pad_term", out.shape, np.float32)
+    # padding value p (the usual case) that is slope · resize(stored) + [intercept −
+    # (slope · p + intercept) · fraction], which spares a full-resolution pass; the
+    # bracket is the same for every slice with the same mask and rescale (kept).
     if padding.low == padding.high:
         physical = resize(stored, out)
-        np.multiply(fraction, np.float32(padding.low), out=term)
-        physical -= term
-    else:
-        np.copyto(real, stored)
-        np.copyto(real, 0, where=mask)  # a range of padding values (rare): a masked copy
-        physical = resize(real, out)
+        if s != 1.0:
+            physical *= np.float32(s)
+        physical += workspace.pad_offset(s, b, padding.low)
+        return physical, fraction, s * least_stored + b
+    np.copyto(real, stored)
+    np.copyto(real, 0, where=mask)  # a range of padding values (rare): a masked copy
+    physical = resize(real, out)
     physical *= np.float32(s)
     if b:
+        term = scratch("pad_term", out.shape, np.float32)
         np.subtract(np.float32(1.0), fraction, out=term)
         term *= np.float32(b)
         physical += term
