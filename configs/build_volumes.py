@@ -14,9 +14,11 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, slices=48, size=192, rows=0, cols=0, tiny=False,
+    slices, size, _ = common.PAPER_VOLUME_SHAPE
+    arg = common.parse_arg(arg, slices=slices, size=size, rows=0, cols=0, tiny=False,
                            normalise="minmax", antialias=False, codec="zstd",
-                           min_slices=16, window_level=40.0, window_width=400.0)
+                           min_slices=common.PAPER_MIN_SLICES, window_level=40.0,
+                           window_width=400.0)
     config = ml_collections.ConfigDict()
     # Volume [slices, rows, cols]: slices ascending along the slice normal, image rows,
     # image columns (the acquisition plane is kept). The paper: 48×192×192.
@@ -26,14 +28,14 @@ def get_config(arg=None):
     config.min_slices = arg.min_slices
     # Effective spacing (mm) between the resized slices above which a series is
     # excluded (paper: 1.5 cm).
-    config.max_effective_spacing_mm = 15.0
+    config.max_effective_spacing_mm = common.PAPER_MAX_EFFECTIVE_SPACING_MM
     # One gap deviating from the median gap by more than this fraction = a missing or
     # misplaced slice → inconsistent_geometry.
     config.max_spacing_deviation = 0.25
     # Largest angle (degrees) between the cosines of two slices of one series: the same
     # as the index's orientation_group_deg (configs/index.py), so the builder's re-check
     # agrees with the index's grouping into series.
-    config.max_orientation_deviation_deg = 1.0
+    config.max_orientation_deviation_deg = common.ORIENTATION_GROUP_DEG
     # In-plane triangle anti-aliasing when shrinking (paper: plain linear resize).
     config.antialias = arg.antialias
     # minmax (paper) | percentile (robust min/max) | window (fixed CT window, HU)

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import ml_collections
 
+# The paper's volume rules (Du & Vardhanabhuti 2020, 2.1.5), shared by the index
+# (configs/index.py), which predicts them, and the volume builder
+# (configs/build_volumes.py), which applies them: one place, so the two never drift.
+PAPER_VOLUME_SHAPE = (48, 192, 192)  # slices along the normal, rows, columns
+PAPER_MIN_SLICES = 16  # fewer slices: too_few_slices
+PAPER_MAX_EFFECTIVE_SPACING_MM = 15.0  # effective slice spacing above it: spacing_too_large
+# The geometric tolerance of both: slices whose row and column cosines differ by less
+# than this belong to one orientation group (one series).
+ORIENTATION_GROUP_DEG = 1.0
+
 
 def _coerce(text: str, default):
     """Parses ``text`` to the type of ``default`` (bool/int/float/str)."""

@@ -14,19 +14,20 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, max_oblique_deg=20.0, max_effective_spacing_mm=15.0,
+    arg = common.parse_arg(arg, max_oblique_deg=20.0,
+                           max_effective_spacing_mm=common.PAPER_MAX_EFFECTIVE_SPACING_MM,
                            heldout_collections="")
     c = ml_collections.ConfigDict()
 
     # --- volumes (paper 2.1.5) ---
-    c.min_slices = 16                 # fewer slices: too_few_slices
-    c.target_slices = 48              # the volume builder's depth
+    c.min_slices = common.PAPER_MIN_SLICES  # fewer slices: too_few_slices
+    c.target_slices = common.PAPER_VOLUME_SHAPE[0]  # the volume builder's depth
     c.max_effective_spacing_mm = arg.max_effective_spacing_mm  # 1.5 cm in the paper
 
     # --- geometry ---
     # Slices whose row and column cosines differ by less than this belong to one
     # orientation group (absorbs the rounding noise of written cosines).
-    c.orientation_group_deg = 1.0
+    c.orientation_group_deg = common.ORIENTATION_GROUP_DEG
     # Angle between the slice normal and its dominant patient axis above which
     # the view is non-standard. 20 deg keeps usual AC-PC angulation and gantry
     # tilt, excludes true obliques.
