@@ -355,6 +355,45 @@ def synth_dataset(pixels: np.ndarray, bits_stored: int) -> pydicom.Dataset:
     return ds
 
 
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+                                  "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm",
+                                  "MR_small_implicit.dcm"])
+def test_other_transfer_syntaxes_decode_like_the_uncompressed_file(name):
+    """pydicom's copies of one MR slice, compressed (pylibjpeg plugins) or in another
+    byte order, give exactly the frame of the uncompressed file."""
+    workspace = volume_core.Workspace(opts((4, 16, 16)))
+    ref = volume_core.read_frames(get_testdata_file("MR_small.dcm"), workspace)[0]
+    got = volume_core.read_frames(get_testdata_file(name), workspace)[0]
+    np.testing.assert_array_equal(got.pixels, ref.pixels)
+    np.testing.assert_array_equal(got.position, ref.position)
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def test_compressed_series_builds_the_same_volume_and_corrupt_stream_is_named(tmp_path, syntax):
+    uid = getattr(pydicom.uid, syntax)
+    paths, _ = synth.write_body_series(str(tmp_path / "plain"), 12, 40, 36,
+                                       rng=np.random.default_rng(4))
+    compressed = []
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        ds.compress(uid)
+        compressed.append(str(tmp_path / f"c{k}.dcm"))
+        ds.save_as(compressed[-1])
+    assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == uid
+    options = opts((8, 16, 16))
+    np.testing.assert_array_equal(volume_core.build_volume(compressed, options).volume,
+                                  volume_core.build_volume(paths, options).volume)
+    # A truncated stream in one file: the series fails with decode_failed and pydicom's
+    # message, named by the file's label, never its path.
+    ds = pydicom.dcmread(compressed[5])
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    ds.save_as(compressed[5])
+    with pytest.raises(volume_core.SeriesError) as err:
+        volume_core.build_volume(compressed, options, names=[f"f{k}" for k in range(12)])
+    assert err.value.reason == "decode_failed" and err.value.message.startswith("f5: ")
+    assert str(tmp_path) not in err.value.message
+
+
 def test_workspace_reuse_gives_the_same_volumes(tmp_path):
     """One worker's kept buffers never leak one series into the next."""
     rng = np.random.default_rng(3)
