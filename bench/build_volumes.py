@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -131,6 +132,9 @@ def main(argv):
            "loop_ratio_to_bare_read": round(min(loop_times) / read_s, 3),
            "median_ratio_to_bare_read": round(float(np.median(build_times) / np.median(read_times)), 3),
            "setup_and_finalize_s": round(build_s - min(loop_times), 3),
+           # Peak resident memory of this process (bare loop and builds): the worker's
+           # kept buffers plus one series; bounded by the largest series, not by N.
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "all_seconds": [round(t, 3) for t in build_times]})
 
     volumes = schema.open_arrays(out, names=("volume",))["volume"].read().result()
