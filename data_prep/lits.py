@@ -50,6 +50,8 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
+from data_prep import volume_core
+
 ORIENTATION = "slices inferior->superior, rows anterior->posterior, columns right->left (LPS +z,+y,+x)"
 # nibabel axis codes of the intermediate [x, y, z] array before the final transpose.
 _TARGET_AXCODES = ("L", "P", "S")
@@ -77,20 +79,6 @@ class CaseError(ValueError):
 
 
 # ----------------------------------------------------------------------------- geometry
-
-def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] matrix of linear interpolation, pixel centres onto pixel centres."""
-    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    src = np.clip(src, 0.0, n_in - 1)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    w_hi = (src - lo).astype(np.float32)
-    weights = np.zeros((n_out, n_in), np.float32)
-    rows = np.arange(n_out)
-    np.add.at(weights, (rows, lo), 1.0 - w_hi)
-    np.add.at(weights, (rows, hi), w_hi)
-    return weights
-
 
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     """Index of the nearest input pixel centre for each output pixel centre."""
@@ -178,8 +166,9 @@ def prepare_case(volume_path: str, segmentation_path: str, in_plane: int = 192,
         raise CaseError("not_3d", f"in-plane size {rows_src}x{cols_src}")
 
     positions = slice_positions(n_src, float(spacing[0]), slice_spacing_mm)
-    w_rows = _linear_weights(rows_src, in_plane)
-    w_cols = _linear_weights(cols_src, in_plane)
+    # The pretraining volumes' own in-plane resize and quantisation (data_prep.volume_core),
+    # so the liver images are preprocessed exactly like the volumes the encoder learnt on.
+    resize = volume_core.PlaneResizer(in_plane, in_plane, antialias=False)
     nn_rows = _nearest_index(rows_src, in_plane)
     nn_cols = _nearest_index(cols_src, in_plane)
 
@@ -196,7 +185,7 @@ def prepare_case(volume_path: str, segmentation_path: str, in_plane: int = 192,
         w = np.float32(p - lo)
         plane = source_slice(lo) if w == 0 or hi == lo else (
             (1 - w) * source_slice(lo) + w * source_slice(hi))
-        out_image[k] = w_rows @ plane @ w_cols.T
+        resize(plane, out_image[k])
         labels = np.asarray(mask[min(int(math.floor(p + 0.5)), n_src - 1)], np.float64)
         labels = labels * mslope + minter
         labels = np.rint(labels[np.ix_(nn_rows, nn_cols)]).astype(np.int64)
@@ -211,8 +200,7 @@ def prepare_case(volume_path: str, segmentation_path: str, in_plane: int = 192,
     lo_v, hi_v = float(out_image.min()), float(out_image.max())
     if hi_v <= lo_v:
         raise CaseError("constant_image", f"every voxel is {lo_v}")
-    scaled = np.rint((out_image - lo_v) * (255.0 / (hi_v - lo_v)))
-    image_u8 = np.clip(scaled, 0, 255).astype(np.uint8)
+    image_u8 = volume_core.to_uint8(out_image, volume_core.VolumeOptions(), in_place=True)
 
     row = {
         "n_slices": len(positions),

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import lits
+from data_prep import lits, volume_core
 
 
 def _save(path, data, affine):
@@ -93,11 +93,15 @@ def test_in_plane_resize_maps_pixel_centres(tmp_path):
     assert case.row["pixel_spacing_mm"] == "2.0000;2.0000"
 
 
-def test_weights_match_numpy_interp():
-    w = lits._linear_weights(11, 5)
-    x = np.random.default_rng(0).normal(size=11).astype(np.float32)
-    src = np.clip((np.arange(5) + 0.5) * 11 / 5 - 0.5, 0, 10)
-    np.testing.assert_allclose(w @ x, np.interp(src, np.arange(11), x), rtol=1e-5, atol=1e-6)
+def test_in_plane_resize_matches_numpy_interp():
+    """The liver images use the pretraining volumes' resize: pixel centres onto centres."""
+    x = np.random.default_rng(0).normal(size=(11, 7)).astype(np.float32)
+    got = volume_core.PlaneResizer(5, 3, antialias=False)(x)
+    rows = np.clip((np.arange(5) + 0.5) * 11 / 5 - 0.5, 0, 10)
+    cols = np.clip((np.arange(3) + 0.5) * 7 / 3 - 0.5, 0, 6)
+    along_rows = np.stack([np.interp(rows, np.arange(11), x[:, j]) for j in range(7)], axis=1)
+    expected = np.stack([np.interp(cols, np.arange(7), r) for r in along_rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_build_dataset_manifest_splits_and_windows(tmp_path):
