@@ -610,6 +610,18 @@ def stack_rule(proj_mm: Sequence[float], sop_keys: Sequence[str], temporal: Sequ
     return st
 
 
+# Positions are decimal strings (DS) and gaps are computed from them: an effective spacing
+# that exceeds the limit by less than this is arithmetic noise (144 slices at 5 mm came
+# out 15.0000001 mm against the paper's 15 mm), not "above". Shared by the index and the
+# volume builder so they never disagree at the limit.
+SPACING_TOLERANCE_MM = 1e-3
+
+
+def spacing_too_large(effective_mm: float | None, limit_mm: float) -> bool:
+    """Effective slice spacing above the limit (paper: > 15 mm is dropped)."""
+    return effective_mm is not None and effective_mm > limit_mm + SPACING_TOLERANCE_MM
+
+
 def effective_spacing_mm(spacing_mm: float | None, n_slices: int, cfg) -> float | None:
     """Spacing between the target_slices slices of the resized volume (paper 2.1.5):
     more slices are squeezed into target_slices, fewer are padded, not stretched."""

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pydicom
 
-from data_prep import dicom_values
+from data_prep import dicom_values, rules
 from pydicom.multival import MultiValue
 
 # Two frames closer than this along the normal are the same slice position (a repeated
@@ -294,8 +294,8 @@ class Workspace:
         buf = self._scratch.get(key)
         if buf is None:
             if len(self._scratch) > 16:  # a worker meeting many frame sizes keeps few
+                # (The padding cache keeps its own references: it stays valid.)
                 self._scratch.clear()
-                self._pad_cache = None
             buf = self._scratch[key] = np.empty(shape, dtype)
         return buf
 
@@ -856,7 +856,7 @@ def build_volume(paths: Iterable[str], options: VolumeOptions,
     # slices; a padded series keeps its slices and so its spacing.
     effective = spacing if padded else spacing * n / num_slices
     info.update(slice_spacing_mm=spacing, effective_spacing_mm=effective)
-    if effective > options.max_effective_spacing_mm:
+    if rules.spacing_too_large(effective, options.max_effective_spacing_mm):
         raise SeriesError("spacing_too_large",
                           f"effective slice spacing {effective:.2f} mm > "
                           f"{options.max_effective_spacing_mm} mm", info)

@@ -177,6 +177,26 @@ def test_monochrome1_is_refused_by_name(tmp_path):
     assert err.value.reason == "decode_failed"
 
 
+def test_effective_spacing_at_the_limit_is_kept(tmp_path):
+    """15 mm is the paper's limit: exactly 15 (up to the decimal-string noise of a tilted
+    stack's positions) is kept, and the index and the builder agree; 15.1 is dropped."""
+    from data_prep import rules
+    t = np.radians(7.9)  # a gantry-tilt-like orientation: positions are irrational
+    tilted = (1.0, 0.0, 0.0, 0.0, float(np.cos(t)), float(-np.sin(t)))
+    options = opts((8, 16, 16))
+    for spacing, kept in ((7.5, True), (7.55, False)):
+        paths, _ = synth.write_body_series(str(tmp_path / f"s{spacing}"), 16, 16, 16,
+                                           orientation=tilted, slice_spacing_mm=spacing)
+        if kept:
+            built = volume_core.build_volume(paths, options)
+            assert built.effective_spacing_mm == pytest.approx(15.0, abs=1e-4)
+        else:
+            with pytest.raises(volume_core.SeriesError) as err:
+                volume_core.build_volume(paths, options)
+            assert err.value.reason == "spacing_too_large"
+    assert not rules.spacing_too_large(15.0000001, 15.0) and rules.spacing_too_large(15.01, 15.0)
+
+
 def test_multi_stack_file_gives_the_series_its_own_frames(tmp_path):
     rng = np.random.default_rng(2)
     axial, _ = synth.write_body_series(str(tmp_path / "a"), 9, 16, 16, orientation=synth.AXIAL,
@@ -392,6 +412,27 @@ def test_compressed_series_builds_the_same_volume_and_corrupt_stream_is_named(tm
         volume_core.build_volume(compressed, options, names=[f"f{k}" for k in range(12)])
     assert err.value.reason == "decode_failed" and err.value.message.startswith("f5: ")
     assert str(tmp_path) not in err.value.message
+
+
+@pytest.mark.parametrize("fillers", range(10, 17))
+def test_workspace_reuse_with_padding_across_frame_sizes(tmp_path, fillers):
+    """Padded series of several frame sizes through one workspace build exactly what fresh
+    workspaces build, wherever in a padded frame its scratch pool happens to be recycled
+    (the pool is dropped when a new buffer would make it exceed 16; ``fillers`` shifts
+    where that falls — a real archive's mix of frame sizes once put it between the
+    padding mask and the least-value pass)."""
+    rng = np.random.default_rng(8)
+    options = opts((8, 16, 16), max_effective_spacing_mm=100.0)
+    workspace = volume_core.Workspace(options)
+    for k in range(fillers):
+        workspace.scratch(f"filler{k}", (2,), np.uint8)
+    for k, size in enumerate([20, 24, 20]):
+        mask = circle_outside(10, size, size)
+        paths, _ = synth.write_body_series(str(tmp_path / f"s{k}"), 10, size, size,
+                                           padding=-2000, pad_mask=mask, rng=rng)
+        fresh = volume_core.build_volume(paths, options).volume
+        reused = volume_core.build_volume(paths, options, workspace=workspace).volume
+        np.testing.assert_array_equal(fresh, reused)
 
 
 def test_workspace_reuse_gives_the_same_volumes(tmp_path):
