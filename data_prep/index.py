@@ -548,7 +548,7 @@ def _series_row(key, study_key, group: list[Slice], size, iop, records, cfg, col
     reasons.update(seq.reasons)
     reasons.update(view.reasons)
 
-    effective = rules.effective_spacing_mm(stack.slice_spacing_mm, n_slices, cfg)
+    effective = rules.effective_spacing_mm(stack.slice_spacing_mm, n_slices, cfg.target_slices)
     if rules.spacing_too_large(effective, cfg.max_effective_spacing_mm):
         reasons.add("spacing_too_large")
 

@@ -543,7 +543,7 @@ class Stack:
     """What the positions along the normal say about a series."""
 
     n_slices: int = 0                      # distinct positions
-    slice_spacing_mm: float | None = None  # median step between distinct positions
+    slice_spacing_mm: float | None = None  # mean step between distinct positions
     extent_mm: float | None = None         # first to last slice centre
     reasons: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -558,7 +558,9 @@ def stack_rule(proj_mm: Sequence[float], sop_keys: Sequence[str], temporal: Sequ
     times, or distinct temporal positions / acquisitions at one position, or
     NumberOfTemporalPositions > 1); a few repeated positions without that are
     duplicates (inconsistent_geometry). The same SOP instance twice is a copied
-    file, also inconsistent. Spacing is the median step between distinct positions.
+    file, also inconsistent. Gaps are checked against the median step; the spacing is
+    the mean step, extent / (n − 1), the definition the volume builder resamples with
+    (volume_core.check_spacing), so index and builder predict the same effective spacing.
     """
     st = Stack()
     if not proj_mm:
@@ -597,8 +599,8 @@ def stack_rule(proj_mm: Sequence[float], sop_keys: Sequence[str], temporal: Sequ
         centres = [proj_mm[g[0]] for g in groups]
         steps = [b - a for a, b in zip(centres, centres[1:])]
         med = statistics.median(steps)
-        st.slice_spacing_mm = med
         st.extent_mm = centres[-1] - centres[0]
+        st.slice_spacing_mm = st.extent_mm / (len(centres) - 1)
         tol = max(cfg.spacing_rel_tol * med, cfg.spacing_abs_tol_mm)
         bad = [s for s in steps if abs(s - med) > tol]
         if bad:
@@ -622,13 +624,15 @@ def spacing_too_large(effective_mm: float | None, limit_mm: float) -> bool:
     return effective_mm is not None and effective_mm > limit_mm + SPACING_TOLERANCE_MM
 
 
-def effective_spacing_mm(spacing_mm: float | None, n_slices: int, cfg) -> float | None:
+def effective_spacing_mm(spacing_mm: float | None, n_slices: int,
+                         target_slices: int) -> float | None:
     """Spacing between the target_slices slices of the resized volume (paper 2.1.5):
-    more slices are squeezed into target_slices, fewer are padded, not stretched."""
+    more slices are squeezed into target_slices, fewer are padded, not stretched (the
+    index's prediction and the volume builder's measurement, one formula)."""
     if spacing_mm is None:
         return None
-    if n_slices > cfg.target_slices:
-        return spacing_mm * n_slices / cfg.target_slices
+    if n_slices > target_slices:
+        return spacing_mm * n_slices / target_slices
     return spacing_mm
 
 

@@ -854,7 +854,7 @@ def build_volume(paths: Iterable[str], options: VolumeOptions,
     padded = n < num_slices
     # The paper's effective spacing: the voxel extent n · spacing shared by the resized
     # slices; a padded series keeps its slices and so its spacing.
-    effective = spacing if padded else spacing * n / num_slices
+    effective = rules.effective_spacing_mm(spacing, n, num_slices)
     info.update(slice_spacing_mm=spacing, effective_spacing_mm=effective)
     if rules.spacing_too_large(effective, options.max_effective_spacing_mm):
         raise SeriesError("spacing_too_large",

@@ -9,8 +9,7 @@ metrics are **1.0** (the convention of e.g. the Medical Segmentation Decathlon a
 MONAI's ``ignore_empty=False``); when only one is empty they are 0.0. The values are
 therefore always defined, so mean and median over cases never see NaN.
 
-The NumPy functions score whole stitched cases (evaluation); the JAX function scores a
-batch of windows inside a jitted validation step. Both follow the same definitions.
+Cases are scored whole, after their windows are stitched (radnet.train.segment).
 """
 
 from __future__ import annotations
@@ -29,38 +28,20 @@ def _counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
     return inter, int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two binary masks of the same shape; 1.0 when both are empty."""
-    inter, p, t = _counts(pred, truth)
-    return 1.0 if p + t == 0 else 2.0 * inter / (p + t)
-
-
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union (Jaccard); 1.0 when both are empty."""
-    inter, p, t = _counts(pred, truth)
-    union = p + t - inter
-    return 1.0 if union == 0 else inter / union
-
-
 def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(Dice, IoU) of two binary masks of the same shape; each 1.0 when both are empty."""
     inter, p, t = _counts(pred, truth)
     union = p + t - inter
     return (1.0 if p + t == 0 else 2.0 * inter / (p + t),
             1.0 if union == 0 else inter / union)
 
 
-def batch_dice_iou(pred, truth):
-    """JAX: hard Dice and IoU per example of boolean ``[B, ...]`` masks → two ``[B]``."""
-    import jax.numpy as jnp  # noqa: PLC0415  (NumPy users need no JAX)
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    return dice_iou(pred, truth)[0]
 
-    pred = pred.astype(bool).reshape(pred.shape[0], -1)
-    truth = truth.astype(bool).reshape(truth.shape[0], -1)
-    inter = jnp.sum(pred & truth, axis=1).astype(jnp.float32)
-    total = (jnp.sum(pred, axis=1) + jnp.sum(truth, axis=1)).astype(jnp.float32)
-    union = total - inter
-    d = jnp.where(total == 0, 1.0, 2.0 * inter / jnp.maximum(total, 1.0))
-    j = jnp.where(union == 0, 1.0, inter / jnp.maximum(union, 1.0))
-    return d, j
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    return dice_iou(pred, truth)[1]
 
 
 def summarize(per_case: Mapping[str, Mapping[str, float]] | Iterable[Mapping[str, float]]

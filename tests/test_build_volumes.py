@@ -197,6 +197,22 @@ def test_effective_spacing_at_the_limit_is_kept(tmp_path):
     assert not rules.spacing_too_large(15.0000001, 15.0) and rules.spacing_too_large(15.01, 15.0)
 
 
+def test_index_and_builder_measure_one_spacing():
+    """One slightly uneven gap (within both tolerances): the index's predicted spacing and
+    effective spacing are the builder's, so neither keeps what the other drops."""
+    from configs import index as index_config
+    from data_prep import rules
+    positions = np.arange(144) * 5.0
+    positions[100:] += 0.4
+    n = len(positions)
+    stack = rules.stack_rule(list(positions), [f"sop{i}" for i in range(n)], [None] * n,
+                             [""] * n, None, index_config.get_config())
+    assert not stack.reasons
+    measured = volume_core.check_spacing(positions, 0.25)
+    assert stack.slice_spacing_mm == pytest.approx(measured, abs=1e-9)
+    assert measured == pytest.approx(715.4 / 143)  # extent / (n − 1), not the median 5.0
+
+
 def test_multi_stack_file_gives_the_series_its_own_frames(tmp_path):
     rng = np.random.default_rng(2)
     axial, _ = synth.write_body_series(str(tmp_path / "a"), 9, 16, 16, orientation=synth.AXIAL,

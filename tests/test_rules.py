@@ -270,7 +270,7 @@ def test_duplicates_versus_time_series(cfg):
 
 
 def test_effective_spacing(cfg):
-    assert rules.effective_spacing_mm(2.0, 96, cfg) == pytest.approx(4.0)
-    assert rules.effective_spacing_mm(5.0, 40, cfg) == pytest.approx(5.0)
-    assert rules.effective_spacing_mm(7.5, 100, cfg) == pytest.approx(15.625)
-    assert rules.effective_spacing_mm(None, 10, cfg) is None
+    assert rules.effective_spacing_mm(2.0, 96, cfg.target_slices) == pytest.approx(4.0)
+    assert rules.effective_spacing_mm(5.0, 40, cfg.target_slices) == pytest.approx(5.0)
+    assert rules.effective_spacing_mm(7.5, 100, cfg.target_slices) == pytest.approx(15.625)
+    assert rules.effective_spacing_mm(None, 10, cfg.target_slices) is None
