@@ -57,8 +57,6 @@ _KEYWORDS = (
     # enhanced multi-frame
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 )
-# File meta elements the reader checks (the meta group is always read whole).
-_META_KEYWORDS = ("MediaStorageSOPClassUID", "TransferSyntaxUID", "FileMetaInformationGroupLength")
 # TCIA exports carry the collection name in a private block "CTP" (0013,xx10).
 _CTP_CREATOR = 0x00130010
 _CTP_PROJECT = 0x00131010

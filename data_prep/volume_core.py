@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pydicom
 
+from configs import common
 from data_prep import dicom_values, rules
 from pydicom.multival import MultiValue
 
@@ -54,9 +55,9 @@ class SeriesError(Exception):
 class VolumeOptions:
     """How a series becomes a volume (filled from configs/build_volumes.py)."""
 
-    volume_shape: tuple[int, int, int] = (48, 192, 192)
-    min_slices: int = 16
-    max_effective_spacing_mm: float = 15.0
+    volume_shape: tuple[int, int, int] = common.PAPER_VOLUME_SHAPE
+    min_slices: int = common.PAPER_MIN_SLICES
+    max_effective_spacing_mm: float = common.PAPER_MAX_EFFECTIVE_SPACING_MM
     # Relative deviation of one slice gap from the median gap that counts as a
     # missing or misplaced slice (re-check of the index's spacing).
     max_spacing_deviation: float = 0.25
@@ -64,7 +65,7 @@ class VolumeOptions:
     # series; the index groups slices into series with the same angle, so the re-check
     # never rejects a series the index formed (at 1° and 200 mm from the centre the
     # stacked planes are off by 3.5 mm, under two output voxels of a 400 mm field).
-    max_orientation_deviation_deg: float = 1.0
+    max_orientation_deviation_deg: float = common.ORIENTATION_GROUP_DEG
     antialias: bool = False  # in-plane triangle filter when shrinking (paper: off)
     normalise: str = "minmax"  # minmax | percentile | window
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -223,8 +224,12 @@ class Workspace:
         self._blocks: list[np.ndarray] = []
         self._used = 0
         self._volume = np.empty((0, rows, cols), np.float32)
-        self._scratch: dict[tuple, np.ndarray] = {}
-        self._pad_cache: tuple | None = None  # (mask, fraction, count) of the last padded frame
+        self._scratch: dict[str, np.ndarray] = {}  # one buffer per name: bounded memory
+        # The last padding mask seen, its resized fraction and padded count, and what
+        # derives from it: offsets per rescale, bound arrays per dtype.
+        self._pad_cache: tuple | None = None
+        self._pad_offsets: dict[tuple, np.ndarray] = {}
+        self._pad_bounds: dict[tuple, np.ndarray] = {}
 
     def fits(self, options: "VolumeOptions") -> bool:
         return (tuple(options.volume_shape[1:]) == self.frame_shape
@@ -258,45 +263,42 @@ class Workspace:
                 return cached[1], cached[2]
         count = int(np.count_nonzero(mask))
         fraction = self.resize(mask) if count else None  # a new array: older frames keep theirs
-        kept = self.scratch("pad_cached_mask", mask.shape, np.bool_)
-        np.copyto(kept, mask)
-        self._pad_cache = (kept, fraction, count, {})
+        self._pad_cache = (mask.copy(), fraction, count)
+        self._pad_offsets.clear()
+        self._pad_bounds.clear()
         return fraction, count
 
     def pad_offset(self, slope: float, intercept: float, pad_value: int) -> np.ndarray:
         """For the last mask of :meth:`pad_fraction`: intercept − (slope · pad_value +
         intercept) · fraction, float32 [out_rows, out_cols] (kept per rescale)."""
-        _, fraction, _, kept = self._pad_cache
-        key = ("offset", float(slope), float(intercept), int(pad_value))
-        if key not in kept:
-            if len(kept) > 8:  # per-slice rescales: keep only the current few
-                kept.clear()
+        _, fraction, _ = self._pad_cache
+        key = (float(slope), float(intercept), int(pad_value))
+        if key not in self._pad_offsets:
+            if len(self._pad_offsets) > 8:  # per-slice rescales: keep only the current few
+                self._pad_offsets.clear()
             offset = fraction * np.float32(-(slope * pad_value + intercept))
             offset += np.float32(intercept)
-            kept[key] = offset
-        return kept[key]
+            self._pad_offsets[key] = offset
+        return self._pad_offsets[key]
 
     def pad_bound(self, dtype, high: bool) -> np.ndarray:
         """For the last mask of :meth:`pad_fraction`: the dtype's maximum (``high``) or
         minimum on padded pixels and the other extreme elsewhere, so that an elementwise
         max (min) with the stored values pushes exactly the padding out of the way."""
-        mask, _, _, bounds = self._pad_cache
+        mask = self._pad_cache[0]
         key = (np.dtype(dtype).str, high)
-        if key not in bounds:
+        if key not in self._pad_bounds:
             info = np.iinfo(dtype)
             far, near = (info.max, info.min) if high else (info.min, info.max)
-            bounds[key] = np.where(mask, dtype.type(far), dtype.type(near))
-        return bounds[key]
+            self._pad_bounds[key] = np.where(mask, dtype.type(far), dtype.type(near))
+        return self._pad_bounds[key]
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """A kept buffer ``name`` for temporaries of one file (overwritten by the next)."""
-        key = (name, tuple(shape), np.dtype(dtype).str)
-        buf = self._scratch.get(key)
-        if buf is None:
-            if len(self._scratch) > 16:  # a worker meeting many frame sizes keeps few
-                # (The padding cache keeps its own references: it stays valid.)
-                self._scratch.clear()
-            buf = self._scratch[key] = np.empty(shape, dtype)
+        """The kept buffer ``name`` for temporaries of one file (overwritten by the next);
+        made anew only when the shape or dtype asked for changes."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+            buf = self._scratch[name] = np.empty(shape, dtype)
         return buf
 
     def volume(self, n: int) -> np.ndarray:
@@ -598,7 +600,8 @@ def _physical_padded(stored, padding, workspace, slope, intercept, lut_ds, out):
     """
     resize, scratch = workspace.resize, workspace.scratch
     mask = padding.mask(stored, out=scratch("pad_mask", stored.shape, np.bool_),
-                        scratch=scratch("pad_mask_upper", stored.shape, np.bool_))
+                        scratch=(None if padding.low == padding.high
+                                 else scratch("pad_mask_upper", stored.shape, np.bool_)))
     fraction, n_padded = workspace.pad_fraction(mask)  # padding share per output pixel
     if n_padded == mask.size:
         out[...] = 0
@@ -732,13 +735,12 @@ def fill_padding(frames: Sequence[Frame]) -> None:
 
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
-    """Unit normal n = row cosines × column cosines of ImageOrientationPatient."""
-    o = np.asarray(orientation, dtype=np.float64)
-    n = np.cross(o[:3], o[3:])
-    norm = np.linalg.norm(n)
-    if not norm > 0.5:  # cosines parallel or not unit vectors
-        raise SeriesError("inconsistent_geometry", f"degenerate ImageOrientationPatient {list(o)}")
-    return n / norm
+    """Unit normal n = row cosines × column cosines (rules.slice_normal, the index's)."""
+    try:
+        return np.asarray(rules.slice_normal([float(v) for v in orientation]), np.float64)
+    except ValueError as err:
+        raise SeriesError("inconsistent_geometry",
+                          f"degenerate ImageOrientationPatient {list(orientation)}: {err}") from None
 
 
 def _unit_cosines(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

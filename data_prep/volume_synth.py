@@ -259,12 +259,6 @@ def write_body_series(out_dir: str, n_slices: int, rows: int, cols: int, *,
     return paths, truth
 
 
-SERIES_COLUMNS = ("series_key", "patient_key", "study_key", "modality", "n_files", "n_slices",
-                  "sequence", "view", "contrast", "coverage", "slice_spacing_mm",
-                  "effective_spacing_mm", "status", "reasons", "split", "provenance", "rows",
-                  "columns", "pixel_spacing_mm", "orientation", "extent_mm")
-
-
 def write_index(index_dir: str, dicom_root: str, series: Sequence[dict],
                 extra_files: Sequence[tuple[str, str]] = ()) -> None:
     """A minimal index in the format of docs/interfaces.md, for builder tests.
@@ -273,7 +267,7 @@ def write_index(index_dir: str, dicom_root: str, series: Sequence[dict],
     series.csv columns (status defaults to included, split to train). ``extra_files``:
     (absolute path, reason) of excluded files without a series.
     """
-    import csv
+    from data_prep.index import FILES_COLUMNS, SERIES_COLUMNS, _write_csv
 
     os.makedirs(index_dir, exist_ok=True)
     file_rows, series_rows = [], []
@@ -291,11 +285,7 @@ def write_index(index_dir: str, dicom_root: str, series: Sequence[dict],
     for p, reason in extra_files:
         file_rows.append({"path": os.path.relpath(p, dicom_root).replace(os.sep, "/"),
                           "series_key": "", "status": "excluded", "reason": reason})
-    with open(os.path.join(index_dir, "files.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=("path", "series_key", "status", "reason"))
-        w.writeheader()
-        w.writerows(sorted(file_rows, key=lambda r: r["path"]))
-    with open(os.path.join(index_dir, "series.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SERIES_COLUMNS)
-        w.writeheader()
-        w.writerows(sorted(series_rows, key=lambda r: r["series_key"]))
+    _write_csv(os.path.join(index_dir, "files.csv"), FILES_COLUMNS,
+               sorted(file_rows, key=lambda r: r["path"]))
+    _write_csv(os.path.join(index_dir, "series.csv"), SERIES_COLUMNS,
+               sorted(series_rows, key=lambda r: r["series_key"]))

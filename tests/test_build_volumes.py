@@ -7,7 +7,6 @@ linear resize (half-pixel centres), numpy for sorting and min-max.
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -430,19 +429,13 @@ def test_compressed_series_builds_the_same_volume_and_corrupt_stream_is_named(tm
     assert str(tmp_path) not in err.value.message
 
 
-@pytest.mark.parametrize("fillers", range(10, 17))
-def test_workspace_reuse_with_padding_across_frame_sizes(tmp_path, fillers):
-    """Padded series of several frame sizes through one workspace build exactly what fresh
-    workspaces build, wherever in a padded frame its scratch pool happens to be recycled
-    (the pool is dropped when a new buffer would make it exceed 16; ``fillers`` shifts
-    where that falls — a real archive's mix of frame sizes once put it between the
-    padding mask and the least-value pass)."""
+def test_workspace_reuse_with_padding_across_frame_sizes(tmp_path):
+    """Padded series of several frame sizes, back and forth, through one workspace build
+    exactly what fresh workspaces build (its scratch buffers and padding cache follow)."""
     rng = np.random.default_rng(8)
     options = opts((8, 16, 16), max_effective_spacing_mm=100.0)
     workspace = volume_core.Workspace(options)
-    for k in range(fillers):
-        workspace.scratch(f"filler{k}", (2,), np.uint8)
-    for k, size in enumerate([20, 24, 20]):
+    for k, size in enumerate([20, 24, 20, 28, 24]):
         mask = circle_outside(10, size, size)
         paths, _ = synth.write_body_series(str(tmp_path / f"s{k}"), 10, size, size,
                                            padding=-2000, pad_mask=mask, rng=rng)
@@ -694,6 +687,5 @@ def test_phantom_pacs_volumes_match_reference(phantom_archive, tmp_path):
         got = data["volume"][i].astype(int)
         diff = np.abs(got - expected).max()
         corr = np.corrcoef(got.ravel(), expected.ravel())[0, 1]
-        assert diff <= 2 or corr >= 0.99, (t["series_id"], diff, corr)
-        assert diff <= 2, (t["series_id"], diff)  # same interpolation: must agree closely
+        assert diff <= 2, (t["series_id"], diff, corr)  # same interpolation: must agree closely
     assert padded_series > 0  # GE-style axial CT with padding outside the circle was built
