@@ -51,6 +51,7 @@ import numpy as np
 import tensorstore as ts
 
 from data_prep import volume_core
+from radnet.data import schema
 
 ORIENTATION = "slices inferior->superior, rows anterior->posterior, columns right->left (LPS +z,+y,+x)"
 # nibabel axis codes of the intermediate [x, y, z] array before the final transpose.
@@ -219,27 +220,17 @@ def prepare_case(volume_path: str, segmentation_path: str, in_plane: int = 192,
 
 # ----------------------------------------------------------------------------- dataset I/O
 
-def _kvstore(path: str) -> Any:
-    return path if "://" in path else {"driver": "file", "path": path}
-
-
 def _array_spec(dataset: str, kind: str, case_id: str, shape=None) -> dict:
-    spec: dict[str, Any] = {
-        "driver": "zarr3", "kvstore": _kvstore(f"{dataset.rstrip('/')}/{kind}/{case_id}")}
-    if shape is not None:
-        spec["metadata"] = {
-            "shape": list(shape), "data_type": "uint8",
-            "chunk_grid": {"name": "regular", "configuration": {
-                "chunk_shape": [CHUNK_SLICES, *shape[1:]]}},
-            "chunk_key_encoding": {"name": "default"},
-            "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
-            "fill_value": 0,
-        }
-    return spec
+    """One case's image or mask array: schema's array layout, chunks of CHUNK_SLICES."""
+    name = f"{kind}/{case_id}"
+    if shape is None:  # open an existing array
+        return {"driver": "zarr3", "kvstore": schema.kvstore_spec(f"{dataset.rstrip('/')}/{name}")}
+    return schema.array_spec(dataset, name, shape, "uint8", (CHUNK_SLICES, *shape[1:]),
+                              schema.CODECS["zstd"], 0)
 
 
 def _write_group(dataset: str, attributes: dict) -> None:
-    kv = ts.KvStore.open(_kvstore(dataset.rstrip("/") + "/")).result()
+    kv = ts.KvStore.open(schema.kvstore_spec(dataset.rstrip("/") + "/")).result()
     kv.write("zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
                                       "attributes": attributes}, indent=1).encode()).result()
     for kind in ("image", "mask"):
@@ -255,11 +246,10 @@ def write_case(dataset: str, case_id: str, case: PreparedCase) -> None:
 
 
 def read_attributes(dataset: str) -> dict:
-    kv = ts.KvStore.open(_kvstore(dataset.rstrip("/") + "/")).result()
-    raw = kv.read("zarr.json").result()
-    if raw.state != "value":
-        raise FileNotFoundError(f"{dataset} is not a LiTS dataset of radnet (no zarr.json)")
-    attrs = json.loads(raw.value)["attributes"]
+    try:
+        attrs = schema.read_attributes(dataset)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{dataset} is not a LiTS dataset of radnet (no zarr.json)") from None
     if attrs.get("kind") != "lits":
         raise FileNotFoundError(f"{dataset} is not a LiTS dataset of radnet (kind={attrs.get('kind')!r})")
     return attrs

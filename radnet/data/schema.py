@@ -60,7 +60,8 @@ def _join(path: str, name: str) -> str:
     return path.rstrip("/") + "/" + name
 
 
-def _array_spec(path: str, name: str, shape, dtype: str, chunk, codecs, fill) -> dict:
+def array_spec(path: str, name: str, shape, dtype: str, chunk, codecs, fill) -> dict:
+    """A zarr v3 array spec under ``path`` (shared by the pretraining and LiTS datasets)."""
     metadata = {
         "shape": list(shape),
         "data_type": dtype,
@@ -99,14 +100,14 @@ def create(path: str, num_volumes: int, volume_shape=VOLUME_SHAPE, codec: str = 
     existing = {"delete_existing": True} if overwrite else {"open": True}
     arrays = {
         "volume": ts.open(
-            _array_spec(path, "volume", (num_volumes, *volume_shape), "uint8",
+            array_spec(path, "volume", (num_volumes, *volume_shape), "uint8",
                         (1, *volume_shape), CODECS[codec], 0),
             create=True, **existing, context=context).result()
     }
     for name, (dtype, trailing, fill) in LABEL_ARRAYS.items():
         chunk = (min(label_chunk, num_volumes), *trailing)
         arrays[name] = ts.open(
-            _array_spec(path, name, (num_volumes, *trailing), dtype, chunk,
+            array_spec(path, name, (num_volumes, *trailing), dtype, chunk,
                         [{"name": "bytes", "configuration": {"endian": "little"}}]
                         if np.dtype(dtype).itemsize > 1 else [{"name": "bytes"}], fill),
             create=True, **existing, context=context).result()
