@@ -169,6 +169,19 @@ def test_frozen_parameters_bit_identical_after_steps(freeze):
             # Everything trainable moved (Adam moves every leaf with a gradient).
             trainable = set(before) - frozen_keys
             assert trainable and trainable <= changed, sorted(trainable - changed)[:3]
+    # The model itself (not only keep_frozen's copy-back) leaves frozen stages' running
+    # statistics alone in train mode: frozen_stages switches their batch norm to the
+    # running averages, so the forward pass is the pretrained network's.
+    with jax.disable_jit():
+        _, updates = model.apply(v, rng.integers(0, 256, SHAPE).astype(np.float32) / 255,
+                                 train=True, mutable=["batch_stats"])
+    fresh, old, lab = _flat(updates["batch_stats"]), _flat(v["batch_stats"]), _flat(s_labels)
+    for k in old:
+        if lab[k] == transfer.FROZEN:
+            np.testing.assert_array_equal(np.asarray(fresh[k]), np.asarray(old[k]), err_msg=str(k))
+    if freeze != "all":  # the stages left to train do update them
+        assert any(not np.array_equal(np.asarray(fresh[k]), np.asarray(old[k]))
+                   for k in old if lab[k] == transfer.TRAINABLE)
     # The frozen subtrees keep no optimizer state (set_to_zero).
     n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
     n_trainable = sum(np.size(x) for k, x in _flat(v["params"]).items()
