@@ -73,7 +73,7 @@ def options_from_config(config) -> volume_core.VolumeOptions:
         min_slices=int(config.min_slices),
         max_effective_spacing_mm=float(config.max_effective_spacing_mm),
         max_spacing_deviation=float(config.max_spacing_deviation),
-        max_orientation_deviation_deg=float(config.get("max_orientation_deviation_deg", 1.0)),
+        max_orientation_deviation_deg=float(config.max_orientation_deviation_deg),
         antialias=bool(config.antialias),
         normalise=str(config.normalise),
         percentiles=tuple(float(p) for p in config.percentiles),
@@ -180,6 +180,17 @@ def _scrub(message: str, paths: list[str], dicom_root: str) -> str:
     return message.replace(dicom_root, "<dicom_root>")
 
 
+def _bytes(paths: list[str]) -> int:
+    """Total size of the files that exist (one stat each; a missing one fails the series later)."""
+    total = 0
+    for p in paths:
+        try:
+            total += os.path.getsize(p)
+        except OSError:
+            pass
+    return total
+
+
 def _work(task: Task) -> dict:
     """Builds one series and starts its chunk write; the marker follows its completion.
 
@@ -192,7 +203,7 @@ def _work(task: Task) -> dict:
     outcome = {"index": task.index, "series_key": task.series_key, "status": "included",
                "reason": "", "message": "", "n_slices": None, "rows": None, "columns": None,
                "slice_spacing_mm": None, "effective_spacing_mm": None,
-               "bytes_read": int(sum(os.path.getsize(p) for p in abs_paths if os.path.exists(p)))}
+               "bytes_read": _bytes(abs_paths)}
     built = None
     try:
         if not abs_paths:
@@ -333,7 +344,7 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
     logging.info("%d series in the index; shard %d/%d has %d left to build (%d already done)",
                  len(series), shard_i, shard_n, len(tasks), len(done))
     options = options_from_config(config)
-    fsync = bool(config.get("fsync", True))
+    fsync = bool(config.fsync)
     start = time.perf_counter()
     outcomes: list[dict] = []
     if tasks:
