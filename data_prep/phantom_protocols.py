@@ -373,8 +373,11 @@ def geometry_facts(spec: SeriesSpec) -> dict[str, Any]:
     if len(pos) < 2:     # one position: no spacing to measure (a scout, a localizer part)
         return dict(n_slices=n, spacing=float("nan"), consistent=consistent_dups)
     gaps = np.diff(pos)
-    spacing = float(np.median(gaps))
-    even = bool(np.all(np.abs(gaps - spacing) <= 0.05 * spacing + 1e-3))
+    median = float(np.median(gaps))
+    even = bool(np.all(np.abs(gaps - median) <= 0.05 * median + 1e-3))
+    # The project's slice spacing (docs/index.md): the mean step, extent / (n − 1), which
+    # the volume builder resamples with; a gap makes it differ from the median.
+    spacing = float((pos[-1] - pos[0]) / (len(pos) - 1))
     return dict(n_slices=n, spacing=spacing, consistent=even and consistent_dups)
 
 
