@@ -34,7 +34,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from radnet import labels  # noqa: E402
 from radnet.data import pipeline, schema  # noqa: E402
-from radnet.train import pretrain, sharding as sharding_lib, state as state_lib  # noqa: E402
+from radnet.train import loop, pretrain, sharding as sharding_lib, state as state_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py:tiny",
                                           "Pretraining config (with argument).",
@@ -86,20 +86,20 @@ def main(argv):
         tmp = tempfile.TemporaryDirectory()
         dataset = _random_dataset(tmp.name + "/dataset", _NUM_VOLUMES.value, shape)
     config.dataset = dataset
-    config = pretrain._resolve_config(config, "")
+    config = pretrain.resolve_config(config)
     volume_shape = tuple(config.input.volume_shape)
 
-    mesh = sharding_lib.make_mesh(config.mesh)
-    batch_axes = tuple(config.sharding.batch_axes)
-    batch_sharding = sharding_lib.batch_sharding(mesh, batch_axes)
-    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    placement = loop.Placement.from_config(config)
+    mesh, batch_sharding, replicated = (placement.mesh, placement.batch_sharding,
+                                        placement.replicated)
     global_bs = int(config.train.batch_size)
-    local_bs = pretrain._check_batch("config.train.batch_size", global_bs, mesh, batch_axes)
+    local_bs = placement.local_batch_size
 
     model = state_lib.build_model(config)
     optimizer = state_lib.build_optimizer(config)
-    state, state_shardings = state_lib.create_sharded_state(
-        config, model, optimizer, volume_shape, mesh, jax.random.key(config.seed))
+    _, state_shardings = state_lib.abstract_state(config, model, optimizer, volume_shape, mesh)
+    state = state_lib.create_sharded_state(model, optimizer, volume_shape, state_shardings,
+                                           jax.random.key(config.seed))
     step_fn = jax.jit(
         pretrain.make_train_step(model, optimizer, dict(config.loss_weights),
                                  pretrain._augment_fn(config)),

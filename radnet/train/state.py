@@ -20,6 +20,15 @@ def build_model(config):
     return models.get(config.model_name)(**config.model)
 
 
+def input_shape(config) -> tuple[int, ...]:
+    """The model's input ``[D, H, W, C]`` of one example: ``config.input.volume_shape`` + 1."""
+    shape = tuple(int(s) for s in config.input.volume_shape)
+    if len(shape) != 3:
+        raise ValueError(f"config.input.volume_shape={shape}: expected [D, H, W] (resolved "
+                         "from the dataset when the run starts)")
+    return (*shape, 1)
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
     """``config.schedule.name``: ``warmup_cosine`` (linear warm-up, cosine decay to
     ``end_lr_fraction`` × lr at ``config.train.num_steps``) or ``constant`` (after warm-up)."""
@@ -57,37 +66,49 @@ def build_optimizer(config) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def state_from_variables(optimizer, variables) -> dict:
+    """``{"params", "batch_stats"}`` → the training state (a fresh optimizer state)."""
+    params = variables["params"]
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": variables.get("batch_stats", {}),
+        "opt_state": optimizer.init(params),
+    }
+
+
 def make_init_fn(model, optimizer, volume_shape):
+    """``init(rng) -> state`` with the variables of ``model.init`` on a zero volume."""
     def init(rng):
         variables = model.init(rng, jnp.zeros((1, *volume_shape, 1), jnp.float32), train=False)
-        params = variables["params"]
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "batch_stats": variables.get("batch_stats", {}),
-            "opt_state": optimizer.init(params),
-        }
+        return state_from_variables(optimizer, variables)
     return init
 
 
-def create_sharded_state(config, model, optimizer, volume_shape, mesh, rng):
-    """jax.eval_shape → shardings from config rules → jit(init, out_shardings).
-
-    Returns (state, state_shardings); the arrays are born where they live, so a model
-    that fits only when sharded never materialises whole on one device.
-    """
-    init = make_init_fn(model, optimizer, tuple(volume_shape))
-    abstract = jax.eval_shape(init, rng)
-    shardings = sharding_lib.tree_shardings(abstract, mesh, config.sharding)
-    state = jax.jit(init, out_shardings=shardings)(rng)
-    return state, shardings
-
-
 def abstract_state(config, model, optimizer, volume_shape, mesh) -> tuple[Any, Any]:
-    """ShapeDtypeStructs with shardings (restore targets) and the shardings themselves."""
+    """ShapeDtypeStructs with shardings (restore targets) and the shardings themselves,
+    from ``jax.eval_shape`` of the initialiser and the config's sharding rules."""
     init = make_init_fn(model, optimizer, tuple(volume_shape))
     abstract = jax.eval_shape(init, jax.random.key(0))
     shardings = sharding_lib.tree_shardings(abstract, mesh, config.sharding)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
     return target, shardings
+
+
+def create_sharded_state(model, optimizer, volume_shape, shardings, rng,
+                         host_variables=None):
+    """The initial state, each array born where it lives (``jax.jit(init, out_shardings)``),
+    so a model that fits only when sharded never materialises whole on one device.
+
+    ``host_variables`` (a task's own draw, a restored encoder) replace ``model.init``'s:
+    they are placed with the parameters' shardings and the optimizer state is initialised
+    on the devices from them.
+    """
+    if host_variables is None:
+        init = make_init_fn(model, optimizer, tuple(volume_shape))
+        return jax.jit(init, out_shardings=shardings)(rng)
+    variables = {"params": host_variables["params"],
+                 "batch_stats": host_variables.get("batch_stats", {})}
+    placed = jax.device_put(variables, {k: shardings[k] for k in variables})
+    return jax.jit(lambda v: state_from_variables(optimizer, v), out_shardings=shardings)(placed)
