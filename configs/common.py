@@ -54,3 +54,53 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         else:
             out[key] = _coerce(value, defaults[key])
     return out
+
+
+def trainer_defaults() -> ml_collections.ConfigDict:
+    """The sections every training task shares (radnet.train.loop's vocabulary), with
+    pretraining's defaults; a task's config overrides what it needs.
+
+    ``mesh``, ``sharding.*``, ``input.volume_shape``, ``optimizer.*``, ``schedule.*``,
+    ``train.*``, ``eval.*``, ``checkpoint.*``.
+    """
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # Devices: one 'data' axis over everything by default; e.g. [("data", -1), ("model", 2)].
+    config.mesh = [("data", -1)]
+    config.sharding = ml_collections.ConfigDict(dict(
+        batch_axes=("data",),
+        # (regex on "params/encoder/block1/...", spec per dimension); first match wins.
+        rules=[],
+        fsdp_axis="",          # e.g. "data": FSDP-shard every array ≥ fsdp_min_size elements
+        fsdp_min_size=2 ** 18,
+    ))
+    config.input = ml_collections.ConfigDict(dict(
+        volume_shape=(),       # () = from the dataset when the run starts; in config.json
+    ))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        name="adam", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        grad_clip_norm=1.0))   # global-norm clipping; 0 = off
+    config.schedule = ml_collections.ConfigDict(dict(
+        name="warmup_cosine",  # or "constant"
+        warmup_steps=1000, end_lr_fraction=0.01))
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=8,          # GLOBAL batch (all processes and devices together)
+        num_steps=100_000,
+        stop_at_step=0,        # >0: stop (after a checkpoint) at this step, e.g. to fit a
+                               # job time limit; the next launch resumes. 0 = run to num_steps
+        log_every_steps=50,
+    ))
+    config.eval = ml_collections.ConfigDict(dict(
+        every_steps=1000,      # validation over the whole split; 0 = only at the end
+        split="val",
+        batch_size=8,          # GLOBAL; the last batch is padded and masked
+    ))
+    config.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=1000,
+        keep_latest=2,
+        keep_best=1,
+        best_metric="val/loss",  # "<eval.split>/<metric>", e.g. "val/sequence/accuracy"
+        best_mode="min",
+        async_save=True,
+    ))
+    return config

@@ -5,6 +5,8 @@ dataset=runs/lits,pretrained=runs/pretrain --workdir=runs/liver/all
     bash launch/liver_tables.sh table2|table3 ...      # the whole grid + the tables
 
 ``freeze``: all | block3 | block2 | block1 | none | scratch (radnet/train/transfer.py).
+Keys follow the trainer's vocabulary (configs/common.trainer_defaults): optimizer.*,
+schedule.*, train.*, eval.*, checkpoint.*, mesh.
 ``fraction``: share of the training cases used (seeded, nested subsets; val fixed).
 ``tiny``: CPU-sized for tests; ``demo``: the `make demo` setting on phantom cases.
 """
@@ -18,45 +20,55 @@ def get_config(arg=None):
     arg = common.parse_arg(arg, freeze="all", fraction=1.0, tiny=False, demo=False,
                            dataset="runs/lits", pretrained="runs/pretrain", proposals="",
                            seed=0, steps=-1)
-    config = ml_collections.ConfigDict()
+    config = common.trainer_defaults()
     config.task = "segment"
     config.seed = arg.seed
     config.dataset = arg.dataset                    # data_prep.lits output
-    config.pretrained_workdir = arg.pretrained      # pretraining run (radnet.main task=pretrain)
-    config.pretrained_step = -1                     # -1: latest checkpoint
     config.freeze = arg.freeze
     config.fraction = arg.fraction
     config.subset_seed = arg.seed                   # which training cases a fraction keeps
+    config.pretrained = ml_collections.ConfigDict(dict(
+        workdir=arg.pretrained,                     # pretraining run (radnet.main task=pretrain)
+        step=-1,                                    # -1: its latest checkpoint
+        # Encoder fields are taken from the pretraining run's config.json, so its encoder
+        # always fits; off = the fields below as they are.
+        model_fields=True))
 
     config.model_name = "vnet"
-    # Encoder fields are replaced by the pretraining run's (config.json) unless
-    # model_from_pretrained is off, so the checkpoint's encoder always fits.
     config.model = ml_collections.ConfigDict(dict(
         depth=50, variant="radnet", norm="batch", width=64, num_classes=2,
         decoder_width=16, dtype="float32"))
-    config.model_from_pretrained = True
+    # input.volume_shape: (proposal.window_slices, in_plane, in_plane), set at the start.
 
     # Region proposal with the pretrained classifier (paper: 48 slices, stride 8, 0.9).
     config.proposal = ml_collections.ConfigDict(dict(
         window_slices=48, stride=8, threshold=0.9, batch_size=4,
         path=arg.proposals))                        # reuse a proposals.csv; '' = compute
 
-    config.train = ml_collections.ConfigDict(dict(
-        batch_size=4, num_steps=3000, lr=1e-4, dice_smooth=1.0,
-        eval_every=100, log_every=20))
-    config.eval = ml_collections.ConfigDict(dict(batch_size=4, threshold=0.5))
-    config.quiet_orbax = True                       # hide Orbax's INFO lines in the log
+    config.loss = ml_collections.ConfigDict(dict(dice_smooth=1.0))
+    # Adam at a constant rate, no clipping (the paper's liver setting).
+    config.optimizer.update(lr=1e-4, grad_clip_norm=0.0)
+    config.schedule.update(name="constant", warmup_steps=0)
+    config.train.update(batch_size=4, num_steps=3000, log_every_steps=20)
+    config.eval.update(every_steps=100, batch_size=4, threshold=0.5)
+    # The latest (to resume) and the best validation Dice are kept.
+    config.checkpoint.update(every_steps=100, keep_latest=1, keep_best=1,
+                             best_metric="val/dice", best_mode="max")
 
     if arg.tiny:
         config.model.update(depth=10, width=4, decoder_width=4)
         config.proposal.update(window_slices=16, stride=8, batch_size=2)
-        config.train.update(batch_size=2, num_steps=4, eval_every=2, log_every=1, lr=1e-3)
-        config.eval.batch_size = 2
+        config.train.update(batch_size=2, num_steps=4, log_every_steps=1)
+        config.optimizer.lr = 1e-3
+        config.eval.update(every_steps=2, batch_size=2)
+        config.checkpoint.every_steps = 2
     if arg.demo:
         # Phantom cases on 2 CPU cores (encoder from the demo pretraining, 48×64×64).
         config.model.decoder_width = 4
-        config.train.update(batch_size=2, num_steps=30, eval_every=15, log_every=5, lr=3e-3)
-        config.eval.batch_size = 2
+        config.train.update(batch_size=2, num_steps=30, log_every_steps=5)
+        config.optimizer.lr = 3e-3
+        config.eval.update(every_steps=15, batch_size=2)
+        config.checkpoint.every_steps = 15
     if arg.steps > 0:
         config.train.num_steps = arg.steps
     return config

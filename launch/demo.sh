@@ -42,7 +42,7 @@ stage "4/6 pretrain 3D-RADNet (small, CPU) → $DEMO/pretrain"
 set +e
 "$PYTHON" -m radnet.main --config="configs/pretrain.py:demo,dataset=$DEMO/dataset" \
   --workdir="$DEMO/pretrain" --alsologtostderr 2>&1 \
-  | tee "$DEMO/pretrain.log" | grep --line-buffered -E "(pretrain|logging_utils).py|Error|Traceback"
+  | tee "$DEMO/pretrain.log" | grep --line-buffered -E "(pretrain|loop|logging_utils).py|Error|Traceback"
 status=${PIPESTATUS[0]}
 set -e
 if [[ $status -ne 0 ]]; then

@@ -361,36 +361,22 @@ def write_report(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.nda
 # --------------------------------------------------------------------------- the task
 
 
-def _local_batch_size(global_batch: int, process_count: int, local_devices: int) -> int:
-    """The per-process share of the global batch, rounded up to a multiple of the local
-    devices so the data axis divides it evenly (padding rows are masked, so the counts do
-    not change)."""
-    share = -(-max(1, global_batch) // process_count)
-    size = -(-share // local_devices) * local_devices
-    if size * process_count != global_batch:
-        logging.warning("global batch_size %d → %d per process × %d processes (a multiple of "
-                        "the %d local devices)", global_batch, size, process_count,
-                        local_devices)
-    return size
-
-
 def predict(model_config, variables, dataset: str, split: str, batch_size: int,
             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Streams ``split`` through the model; returns (outputs, targets) of every real row.
 
-    ``batch_size`` is global (all processes together), as in training.
-
-    Each process reads its slice of every global batch with the Grain evaluation pipeline;
-    the batch is laid out over a 1-D ``data`` mesh of all devices, the step runs jitted on
-    it, and outputs and labels are gathered to every host. Padding rows (mask False) are
-    dropped, and the dataset row indices are checked to be unique.
+    ``batch_size`` is global (all processes together), as in training; each process's
+    share is rounded up to a multiple of its devices (the extra rows are masked padding).
+    The Grain evaluation pipeline feeds radnet.evaluators.predict on a 1-D ``data`` mesh
+    of all devices; outputs and labels come back gathered, in dataset row order, and the
+    dataset row indices are checked to be unique.
     """
     import jax
-    from jax.experimental import multihost_utils
     from tqdm import tqdm
 
     from radnet import models
     from radnet.data import augment, pipeline
+    from radnet.evaluators import predict as predict_lib
 
     model = models.get(model_config.model_name)(**model_config.model)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -398,42 +384,28 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
     variables = jax.device_put(variables, replicated)
 
-    def eval_step(variables, volume):
+    def eval_step(variables, batch):
         # uint8 crosses the host→device link (4× less than float32); the scaling to
         # [0, 1] is training's own (radnet.data.augment.to_unit_float), done on device.
-        return model.apply(variables, augment.to_unit_float(volume), train=False)
+        return model.apply(variables, augment.to_unit_float(batch["volume"]), train=False), {}
 
-    step = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
-                   out_shardings=data_sharding)
-
-    local_batch = _local_batch_size(batch_size, jax.process_count(), jax.local_device_count())
-    keys = (*labels.CLASS_HEADS, *labels.MULTILABEL_HEADS, labels.SLICE_SPACING_TARGET,
-            "index", "mask")
+    step = jax.jit(eval_step, out_shardings=(data_sharding, replicated))
+    local_batch = predict_lib.local_batch_size(batch_size, jax.process_count(),
+                                               jax.local_device_count())
+    if local_batch * jax.process_count() != batch_size:
+        logging.warning("global batch_size %d → %d per process × %d processes (a multiple of "
+                        "the %d local devices)", batch_size, local_batch, jax.process_count(),
+                        jax.local_device_count())
+    keys = (*labels.CLASS_HEADS, *labels.MULTILABEL_HEADS, labels.SLICE_SPACING_TARGET, "index")
     acc = metrics.Accumulator()
     batches = pipeline.eval_batches(dataset, split=split, batch_size=local_batch,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    show = jax.process_index() == 0
-
-    def gather(pending):
-        out_host, labels_host = multihost_utils.process_allgather(pending, tiled=True)
-        acc.add(out_host, labels_host)
-
-    pending = None
-    for batch in tqdm(batches, desc=f"evaluate {split}", unit="batch", disable=not show):
-        volume = jax.make_array_from_process_local_data(data_sharding, batch["volume"])
-        out = step(variables, volume)  # dispatched asynchronously
-        # Labels travel the same way as the volumes, so gathered rows line up with outputs.
-        labels_global = {k: jax.make_array_from_process_local_data(data_sharding,
-                                                                   np.asarray(batch[k]))
-                         for k in keys}
-        # Fetch the previous batch while this one computes, so the device never waits
-        # on the host copy.
-        if pending is not None:
-            gather(pending)
-        pending = (out, labels_global)
-    if pending is not None:
-        gather(pending)
+    batches = tqdm(batches, desc=f"evaluate {split}", unit="batch",
+                   disable=jax.process_index() != 0)
+    for outputs, targets, _ in predict_lib.predict(step, variables, batches, data_sharding,
+                                                   device_keys=("volume",), gather_keys=keys):
+        acc.add(outputs, targets)
     outputs, targets = acc.arrays()
     if not outputs:
         raise ValueError(f"split {split!r} of {dataset} has no rows to evaluate")
@@ -444,17 +416,6 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
     order = np.argsort(index, kind="stable")  # row order, independent of the process layout
     return ({k: v[order] for k, v in outputs.items()},
             {k: v[order] for k, v in targets.items()})
-
-
-def _latest_step(checkpoint: str) -> int | str:
-    """The step load_for_inference takes by default (Orbax names step folders by number),
-    for the report; "latest" when the folder layout says otherwise."""
-    try:
-        steps = [int(d) for d in os.listdir(os.path.join(checkpoint, "checkpoints"))
-                 if d.isdigit()]
-    except OSError:
-        steps = []
-    return max(steps) if steps else "latest"
 
 
 def run(config, workdir: str) -> int:
@@ -469,10 +430,9 @@ def run(config, workdir: str) -> int:
     if config.split not in labels.SPLITS:
         raise ValueError(f"--config.split={config.split!r}; choose one of {labels.SPLITS}")
     step = None if config.step < 0 else int(config.step)
-    model_config, variables = checkpoint_lib.load_for_inference(checkpoint, step)
-    logging.info("evaluating %s (step %s, model %s) on %s split %s", checkpoint,
-                 "latest" if step is None else step, model_config.model_name, config.dataset,
-                 config.split)
+    model_config, variables, step = checkpoint_lib.load_variables(checkpoint, step)
+    logging.info("evaluating %s (step %d, model %s) on %s split %s", checkpoint, step,
+                 model_config.model_name, config.dataset, config.split)
     outputs, targets = predict(model_config, variables, config.dataset, config.split,
                                config.batch_size)
     if jax.process_index() != 0:
@@ -480,7 +440,7 @@ def run(config, workdir: str) -> int:
     out_dir = config.out or checkpoint
     meta = {
         "checkpoint": os.path.abspath(checkpoint),
-        "step": _latest_step(checkpoint) if step is None else step,
+        "step": step,
         "dataset": config.dataset,
         "split": config.split,
         "model_name": model_config.model_name,

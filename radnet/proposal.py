@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -25,6 +25,8 @@ LIVER = labels.COVERAGE.index("liver")
 
 # uint8 [B, D, H, W] windows → liver probability [B]
 ScoreFn = Callable[[np.ndarray], np.ndarray]
+# padded batches ("image", "mask", "position") → (positions, scores) of their real rows
+BatchScorer = Callable[[Iterable[dict]], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,38 +63,91 @@ def select(scores: Sequence[float], threshold: float = 0.9) -> list[int]:
     return keep.tolist() if keep.size else [int(np.argmax(scores))]
 
 
-def propose_case(case_id: str, image_store, score_fn: ScoreFn, window_slices: int = 48,
-                 stride: int = 8, threshold: float = 0.9, batch_size: int = 4) -> list[Window]:
-    """Scores every window of one case (``image_store``: TensorStore/array ``[n, H, W]``)."""
-    from data_prep import lits  # noqa: PLC0415
+class WindowReader:
+    """(case_id, start) → {"image": uint8 [D,H,W](, "mask": uint8 [D,H,W])} of a LiTS-layout
+    dataset; TensorStore handles stay open per case (and are reopened after pickling, in a
+    Grain worker)."""
 
-    starts = window_starts(int(image_store.shape[0]), window_slices, stride)
-    scores: list[float] = []
-    for i in range(0, len(starts), batch_size):
-        batch = np.stack([lits.read_window(image_store, s, window_slices)
-                          for s in starts[i:i + batch_size]])
-        out = np.asarray(score_fn(batch), np.float64).reshape(-1)
-        if out.shape[0] != batch.shape[0]:
-            raise ValueError(f"score_fn returned {out.shape[0]} scores for {batch.shape[0]} windows")
-        scores.extend(out.tolist())
-    keep = set(select(scores, threshold))
-    return [Window(case_id, s, window_slices, float(sc), i in keep)
-            for i, (s, sc) in enumerate(zip(starts, scores))]
+    def __init__(self, dataset: str, num_slices: int, with_mask: bool = False):
+        self.dataset = dataset
+        self.num_slices = num_slices
+        self.with_mask = with_mask
+        self._open: dict[str, Any] = {}
+
+    def __call__(self, item) -> dict[str, np.ndarray]:
+        from data_prep import lits  # noqa: PLC0415
+
+        case_id, start = item
+        if case_id not in self._open:
+            self._open[case_id] = lits.open_case(self.dataset, case_id)
+        image, mask = self._open[case_id]
+        out = {"image": lits.read_window(image, start, self.num_slices)}
+        if self.with_mask:
+            out["mask"] = lits.read_window(mask, start, self.num_slices)
+        return out
+
+    def __getstate__(self):
+        return {"dataset": self.dataset, "num_slices": self.num_slices,
+                "with_mask": self.with_mask}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
 
 
-def propose(dataset: str, case_ids: Iterable[str], score_fn: ScoreFn, window_slices: int = 48,
+def numpy_scorer(score_fn: ScoreFn) -> BatchScorer:
+    """A plain function of uint8 windows ``[B, D, H, W]`` → scores ``[B]`` as a BatchScorer
+    (one process; the network's scorer is ``radnet_liver_scorer``)."""
+    def score(batches):
+        for batch in batches:
+            keep = np.asarray(batch["mask"], bool)
+            out = np.asarray(score_fn(batch["image"][keep]), np.float64).reshape(-1)
+            if out.shape[0] != keep.sum():
+                raise ValueError(f"score_fn returned {out.shape[0]} scores for {keep.sum()} "
+                                 "windows")
+            yield batch["position"][keep], out
+    return score
+
+
+def propose(dataset: str, case_ids: Iterable[str], score: BatchScorer, window_slices: int = 48,
             stride: int = 8, threshold: float = 0.9, batch_size: int = 4,
             progress: bool = False) -> dict[str, list[Window]]:
-    """All windows (scored, with the selection) of the given cases of a LiTS dataset."""
+    """All windows (scored, with the selection) of the given cases of a LiTS-layout dataset.
+
+    Every window of every case goes through ``score`` in padded batches of ``batch_size``
+    (global: shared by the processes; radnet.evaluators.predict), so each process ends with
+    every score.
+    """
+    import jax  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
     from data_prep import lits  # noqa: PLC0415
+    from radnet.evaluators import predict as predict_lib  # noqa: PLC0415
 
-    out = {}
-    for case_id in tqdm(list(case_ids), desc="proposal", unit="case", disable=not progress):
+    starts = {}
+    for case_id in case_ids:
         image, _ = lits.open_case(dataset, case_id)
-        out[case_id] = propose_case(case_id, image, score_fn, window_slices, stride,
-                                    threshold, batch_size)
+        starts[case_id] = window_starts(int(image.shape[0]), window_slices, stride)
+    items = [(c, s) for c, ss in starts.items() for s in ss]
+    local = predict_lib.local_batch_size(batch_size, jax.process_count(),
+                                         jax.local_device_count())
+    batches = predict_lib.padded_batches(items, WindowReader(dataset, window_slices), local,
+                                         jax.process_index(), jax.process_count())
+    scores = np.full(len(items), np.nan)
+    bar = tqdm(total=len(items), desc="proposal", unit="window", disable=not progress)
+    for positions, values in score(batches):
+        scores[np.asarray(positions)] = values
+        bar.update(len(positions))
+    bar.close()
+    if np.isnan(scores).any():
+        raise RuntimeError(f"{int(np.isnan(scores).sum())} of {len(items)} windows came back "
+                           "without a score")
+    out, i = {}, 0
+    for case_id, case_starts in starts.items():
+        case_scores = scores[i:i + len(case_starts)].tolist()
+        i += len(case_starts)
+        keep = set(select(case_scores, threshold))
+        out[case_id] = [Window(case_id, s, window_slices, float(sc), k in keep)
+                        for k, (s, sc) in enumerate(zip(case_starts, case_scores))]
     return out
 
 
@@ -119,49 +174,57 @@ def read_csv(path: str) -> dict[str, list[Window]]:
     return out
 
 
-def radnet_liver_scorer(model, variables) -> ScoreFn:
-    """Liver coverage probability from a 3D-RADNet classifier (``model.apply``)."""
+def radnet_liver_scorer(model, variables) -> BatchScorer:
+    """Liver coverage probability of a 3D-RADNet classifier, on every device of the run
+    (radnet.evaluators.predict: sharded batches, gathered scores)."""
     import jax  # noqa: PLC0415
 
     from radnet.data import augment  # noqa: PLC0415
+    from radnet.evaluators import predict as predict_lib  # noqa: PLC0415
 
-    @jax.jit
-    def score(variables, windows_u8):
-        # uint8 crosses to the device (a quarter of float32); the weights are an argument,
-        # not constants baked into the program.
-        logits = model.apply(variables, augment.to_unit_float(windows_u8), train=False)
-        return jax.nn.sigmoid(logits["coverage"][:, LIVER].astype(jax.numpy.float32))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    batch_sharding = jax.NamedSharding(mesh, jax.P("data"))
+    replicated = jax.NamedSharding(mesh, jax.P())
+    variables = jax.device_put(variables, replicated)
 
-    def scorer(windows):
-        windows = np.asarray(windows)
-        n = len(windows)
-        # Pad to a power of two so a case's short last batch does not compile a new program.
-        padded = 1 << max(n - 1, 0).bit_length()
-        if padded != n:
-            windows = np.concatenate(
-                [windows, np.zeros((padded - n, *windows.shape[1:]), windows.dtype)])
-        return np.asarray(score(variables, windows))[:n]
+    def step(variables, batch):
+        # uint8 crosses to the device (a quarter of float32).
+        logits = model.apply(variables, augment.to_unit_float(batch["image"]), train=False)
+        return {"score": jax.nn.sigmoid(logits["coverage"][:, LIVER].astype(jax.numpy.float32))}, {}
 
-    return scorer
+    step = jax.jit(step, out_shardings=(batch_sharding, replicated))
+
+    def score(batches):
+        for outputs, gathered, _ in predict_lib.predict(
+                step, variables, batches, batch_sharding, device_keys=("image",),
+                gather_keys=(predict_lib.POSITION,)):
+            yield gathered[predict_lib.POSITION], outputs["score"]
+
+    return score
 
 
 def main(argv):
     """``python -m radnet.proposal --config=configs/liver.py:dataset=..,pretrained=.. --out=CSV``"""
     import json  # noqa: PLC0415
 
+    import jax  # noqa: PLC0415
     from absl import flags  # noqa: PLC0415
 
     from data_prep import lits  # noqa: PLC0415
-    from radnet.train import transfer  # noqa: PLC0415
+    from radnet.train import checkpoint as ckpt_lib  # noqa: PLC0415
+    from radnet.train import state as state_lib  # noqa: PLC0415
 
     del argv
     config = flags.FLAGS.config
     p = config.proposal
-    step = None if config.pretrained_step < 0 else config.pretrained_step
-    model, variables, step = transfer.load_classifier(config.pretrained_workdir, step)
-    windows = propose(config.dataset, lits.cases(config.dataset), radnet_liver_scorer(model, variables),
-                      p.window_slices, p.stride, p.threshold, p.batch_size, progress=True)
-    write_csv(flags.FLAGS.out, windows)
+    step = None if config.pretrained.step < 0 else config.pretrained.step
+    pre_config, variables, step = ckpt_lib.load_variables(config.pretrained.workdir, step)
+    windows = propose(config.dataset, lits.cases(config.dataset),
+                      radnet_liver_scorer(state_lib.build_model(pre_config), variables),
+                      p.window_slices, p.stride, p.threshold, p.batch_size,
+                      progress=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        write_csv(flags.FLAGS.out, windows)
     selected = sum(w.selected for ws in windows.values() for w in ws)
     print(json.dumps({"cases": len(windows), "windows": sum(map(len, windows.values())),
                       "selected": selected, "pretrained_step": step, "out": flags.FLAGS.out}))

@@ -179,7 +179,7 @@ def test_evaluate_end_to_end(pretrained, tmp_path):
     np.testing.assert_array_equal(saved["target_index"], test_rows)   # each row exactly once
     # The gathered outputs are the model's on exactly those rows, in that order.
     from radnet.data import schema
-    config, variables = checkpoint.load_for_inference(str(workdir))
+    config, variables, _ = checkpoint.load_variables(str(workdir))
     model = models.get(config.model_name)(**config.model)
     volume = schema.open_arrays(str(dataset), names=("volume",))["volume"][test_rows].read().result()
     direct = model.apply(variables, volume.astype(np.float32)[..., None] / 255.0, train=False)

@@ -24,6 +24,8 @@ from radnet.train import checkpoint as ckpt_lib
 from radnet.train import logging_utils
 from radnet.train import losses as losses_lib
 from radnet.train import pretrain
+from radnet.train import sharding as sharding_lib
+from radnet.train import state as state_lib
 
 VOLUME_SHAPE = (16, 32, 32)  # the smallest the radnet variant takes (total stride 16×32×32)
 SPLIT_SIZES = {"train": 12, "val": 5, "test": 3}   # val 5: the last eval batch is padded
@@ -85,7 +87,7 @@ def tiny_config(dataset_path: str, **overrides):
 
 
 def _params_of(workdir, step=None):
-    _, variables = ckpt_lib.load_for_inference(workdir, step)
+    _, variables, _ = ckpt_lib.load_variables(workdir, step)
     return jax.device_get(variables)
 
 
@@ -111,18 +113,18 @@ def test_one_step_train_and_eval(dataset, tmp_path):
     assert saved["input"]["volume_shape"] == list(VOLUME_SHAPE)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
-    loaded_config, variables = ckpt_lib.load_for_inference(workdir)
+    loaded_config, variables, _ = ckpt_lib.load_variables(workdir)
     assert loaded_config.model.depth == config.model.depth
     assert set(variables) == {"params", "batch_stats"}
     # the restored weights are the trained ones: evaluated again on the val split they
     # reproduce the validation loss the run logged at step 1 (a fresh initialisation or
     # a wrong step would not), and the batch-norm statistics have left their init (0, 1).
-    model = pretrain.state_lib.build_model(loaded_config)
-    mesh = pretrain.sharding_lib.make_mesh(loaded_config.mesh)
+    model = state_lib.build_model(loaded_config)
+    mesh = sharding_lib.make_mesh(loaded_config.mesh)
     again = pretrain.evaluate(
         jax.jit(pretrain.make_eval_step(model)), variables,
         pipeline.eval_batches(dataset, split="val", batch_size=2),
-        pretrain.sharding_lib.batch_sharding(mesh), dict(loaded_config.loss_weights))
+        sharding_lib.batch_sharding(mesh), dict(loaded_config.loss_weights))
     np.testing.assert_allclose(again["loss"], val[0]["loss"], rtol=1e-5)
     # The logged accuracies are the restored model's on the val rows, recomputed here
     # independently: argmax of a plain model.apply over every val volume, unknowns masked.

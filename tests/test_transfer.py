@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from radnet import models
+from radnet.train import checkpoint as ckpt_lib
 from radnet.train import segment, transfer
 
 ENC = dict(depth=10, variant="radnet", norm="batch", width=4)
@@ -75,13 +76,13 @@ def _vnet_variables(frozen=()):
 
 
 def _flat(tree):
-    return transfer.flatten(tree)
+    return ckpt_lib.flatten(tree)
 
 
 def test_restore_puts_checkpoint_encoder_under_fresh_decoder(pretrained):
     workdir, params, stats = pretrained
     _, fresh = _vnet_variables()
-    restored, step = transfer.restore_encoder(workdir, fresh)
+    restored, step = ckpt_lib.restore_subtree(workdir, fresh)
     assert step == 7
     for collection, saved in (("params", params), ("batch_stats", stats)):
         got = _flat(restored[collection]["encoder"])
@@ -107,8 +108,8 @@ def test_renamed_layer_raises_with_its_name(tmp_path, pretrained):
     workdir = str(tmp_path / "renamed")
     save_pretraining(workdir, params, stats, dict(ENC, hidden=8))
     _, fresh = _vnet_variables()
-    with pytest.raises(transfer.TransferError) as e:
-        transfer.restore_encoder(workdir, fresh)
+    with pytest.raises(ckpt_lib.MismatchError) as e:
+        ckpt_lib.restore_subtree(workdir, fresh)
     msg = str(e.value)
     assert "missing in checkpoint: params/encoder/block2/unit1/conv1/kernel" in msg
     assert "unexpected in checkpoint: params/encoder/block2/unit1/conv1_renamed/kernel" in msg
@@ -120,8 +121,8 @@ def test_misshaped_encoder_lists_every_parameter(tmp_path):
     workdir = str(tmp_path / "wide")
     save_pretraining(workdir, v["params"], v["batch_stats"], wide)
     _, fresh = _vnet_variables()
-    with pytest.raises(transfer.TransferError) as e:
-        transfer.restore_encoder(workdir, fresh)
+    with pytest.raises(ckpt_lib.MismatchError) as e:
+        ckpt_lib.restore_subtree(workdir, fresh)
     lines = [l for l in str(e.value).splitlines() if "shape mismatch" in l]
     n_encoder = len(_flat(fresh["params"]["encoder"])) + len(_flat(fresh["batch_stats"]["encoder"]))
     assert len(lines) == n_encoder                     # every leaf named, not just the first
@@ -141,12 +142,12 @@ def test_frozen_parameters_bit_identical_after_steps(freeze):
     frozen = transfer.frozen_stages(freeze)
     model, v = _vnet_variables(frozen)
     v = {"params": _perturb(v["params"], 11), "batch_stats": _perturb(v["batch_stats"], 12)}
-    tx = transfer.make_optimizer(optax.adam(1e-2), v["params"], freeze)
-    p_labels = transfer.label_tree(v["params"], freeze)
-    s_labels = transfer.label_tree(v["batch_stats"], freeze)
+    tx = transfer.freeze(optax.adam(1e-2), frozen)
+    p_labels = transfer.label_tree(v["params"], frozen)
+    s_labels = transfer.label_tree(v["batch_stats"], frozen)
     # Eager: the six rows would otherwise compile six VNet train steps (minutes on 2
     # cores); the jitted step runs in test_segment_run.py.
-    step = segment.make_train_step(model, tx, p_labels, s_labels, 1.0)
+    step = segment.make_train_step(model, p_labels, s_labels, tx, 1.0)
     state = {"step": jnp.zeros((), jnp.int32), "params": v["params"],
              "batch_stats": v["batch_stats"], "opt_state": tx.init(v["params"])}
     rng = np.random.default_rng(0)
@@ -154,7 +155,7 @@ def test_frozen_parameters_bit_identical_after_steps(freeze):
         for _ in range(3):
             image = rng.integers(0, 256, SHAPE[:4], dtype=np.uint8)
             batch = {"image": image, "mask": (image > 128).astype(np.uint8)}
-            state, metrics = step(state, batch)
+            state, metrics = step(state, batch, None)
             assert np.isfinite(float(metrics["loss"]))
     for collection, labels in (("params", p_labels), ("batch_stats", s_labels)):
         before, after = _flat(v[collection]), _flat(state[collection])

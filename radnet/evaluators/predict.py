@@ -61,8 +61,9 @@ def padded_batches(items: Sequence[Any], read: Callable[[Any], dict[str, np.ndar
 
 def predict(step: Callable, variables, batches: Iterable[dict[str, np.ndarray]],
             batch_sharding, *, device_keys: Sequence[str],
-            gather_keys: Sequence[str] = ()) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
-    """Runs ``step`` over every batch; yields ``(rows, sums)`` per global batch.
+            gather_keys: Sequence[str] = ()
+            ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray], Any]]:
+    """Runs ``step`` over every batch; yields ``(outputs, gathered, sums)`` per global batch.
 
     Args:
       step: jitted ``step(variables, device_batch) -> (per_row_outputs, sums)``; the per-row
@@ -74,8 +75,9 @@ def predict(step: Callable, variables, batches: Iterable[dict[str, np.ndarray]],
       gather_keys: batch keys (labels, positions) to return alongside the outputs.
 
     Yields:
-      ``rows``: NumPy outputs and gathered keys of the real rows of the global batch, the
-      same on every process; ``sums``: the step's reduced statistics (device arrays).
+      ``outputs`` and ``gathered`` (the ``gather_keys`` of the batch): NumPy arrays of the
+      real rows of the global batch, the same on every process; ``sums``: the step's
+      reduced statistics (device arrays).
     """
     import jax  # noqa: PLC0415
     from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -89,9 +91,8 @@ def predict(step: Callable, variables, batches: Iterable[dict[str, np.ndarray]],
         # Every process gathers the global batch's outputs and labels.
         host_outputs, host_kept = multihost_utils.process_allgather((outputs, kept), tiled=True)
         real = np.asarray(host_kept[MASK], bool)
-        rows = {k: np.asarray(v)[real] for k, v in host_outputs.items()}
-        rows.update({k: np.asarray(v)[real] for k, v in host_kept.items() if k != MASK})
-        return rows
+        return ({k: np.asarray(v)[real] for k, v in host_outputs.items()},
+                {k: np.asarray(v)[real] for k, v in host_kept.items() if k != MASK})
 
     pending = None
     for local in batches:
@@ -101,7 +102,7 @@ def predict(step: Callable, variables, batches: Iterable[dict[str, np.ndarray]],
         # Fetch the previous batch while this one computes: the device never waits on the
         # host copy.
         if pending is not None:
-            yield fetch(pending[:2]), pending[2]
+            yield *fetch(pending[:2]), pending[2]
         pending = (outputs, kept, sums)
     if pending is not None:
-        yield fetch(pending[:2]), pending[2]
+        yield *fetch(pending[:2]), pending[2]

@@ -130,8 +130,11 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir} has no {CHECKPOINT_DIR}/ directory")
+    # A handler for the state item, so its metadata (names and shapes) can be read
+    # before any array is.
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False), item_names=(STATE_ITEM, DATA_ITEM))
+        read_only=True, create=False),
+        item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()})
 
 
 def steps(workdir: str) -> list[int]:
@@ -192,7 +195,9 @@ def leaf_shapes(workdir: str, step: int) -> dict[tuple[str, ...], tuple[int, ...
     with _reader(workdir) as manager:
         meta = manager.item_metadata(step)[STATE_ITEM]
     tree = getattr(meta, "tree", meta)
-    return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)  # lists too (the optimizer state)
+    return {tuple(jax.tree_util.keystr((key,), simple=True) for key in path):
+            tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
 
 
 def compare(expected: Mapping[tuple, tuple], found: Mapping[tuple, tuple],
@@ -232,12 +237,14 @@ def _restore_arrays(workdir: str, step: int, abstract: dict) -> dict:
     return restored
 
 
-def load_variables(workdir: str, step: int | None = None, *, prefer: str = "latest"):
+def load_variables(workdir: str, step: int | None = None, *, prefer: str = "latest",
+                   sharding: jax.sharding.Sharding | None = None):
     """→ (config, {"params", "batch_stats"}, step) of a run, for inference and transfer.
 
     ``step`` None takes the run's latest (or, ``prefer="best"``, best) checkpoint. Only
-    parameters and batch statistics are read; arrays land replicated on this process's
-    devices regardless of the training mesh. The model is the one config.json describes.
+    parameters and batch statistics are read; arrays land with ``sharding`` (default:
+    replicated on this process's devices) regardless of the training mesh. The model is
+    the one config.json describes.
     """
     from radnet.train import sharding as sharding_lib  # noqa: PLC0415
     from radnet.train import state as state_lib  # the model factory; imported on use
@@ -248,11 +255,12 @@ def load_variables(workdir: str, step: int | None = None, *, prefer: str = "late
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), np.zeros((1, *state_lib.input_shape(config)),
                                                        np.float32), train=False))
-    replicated = jax.sharding.NamedSharding(
-        sharding_lib.make_mesh([("data", -1)], devices=jax.local_devices()), jax.P())
+    if sharding is None:
+        sharding = jax.sharding.NamedSharding(
+            sharding_lib.make_mesh([("data", -1)], devices=jax.local_devices()), jax.P())
     target = {c: abstract.get(c, {}) for c in VARIABLE_COLLECTIONS}
     target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), target)
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
     restored = _restore_arrays(workdir, step, target)
     variables = {c: restored.get(c, {}) for c in VARIABLE_COLLECTIONS}
     logging.info("loaded %s step %d", workdir, step)

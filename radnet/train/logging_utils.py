@@ -94,3 +94,19 @@ def console(step: int, total: int, loss: float, rates: dict[str, float]) -> None
     logging.info("step %d/%d  loss %.4f  %.2f steps/s  %.1f volumes/s  ETA %s",
                  step, total, loss, rates["steps_per_s"], rates["volumes_per_s"],
                  format_eta(rates["eta_s"]))
+
+
+class _DropOrbaxInfo:
+    """absl log filter: drops INFO records of Orbax (dozens per save and restore)."""
+
+    def filter(self, record) -> bool:
+        import logging as py_logging  # noqa: PLC0415
+
+        return record.levelno > py_logging.INFO or "/orbax/" not in record.pathname
+
+
+def quiet_orbax() -> None:
+    """Keeps Orbax's INFO lines out of the run's log (once per process)."""
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
+        handler.addFilter(_DropOrbaxInfo())

@@ -110,6 +110,7 @@ def train(config, workdir: str, placement: Placement, task: Task) -> tuple[dict,
     """Trains until ``config.train.num_steps`` (or ``stop_at_step``); returns (state, step)."""
     volume_shape = tuple(config.input.volume_shape)
     mesh, replicated = placement.mesh, placement.replicated
+    logging_utils.quiet_orbax()
 
     # State: resumed from the latest checkpoint, else initialised sharded.
     target, state_shardings = state_lib.abstract_state(config, task.model, task.optimizer,

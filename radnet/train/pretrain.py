@@ -112,10 +112,11 @@ def evaluate(eval_step, variables, batches: Iterable[dict], batch_sharding,
     """
     totals = None
     accumulator = metrics_lib.Accumulator()
-    for rows, sums in predict_lib.predict(eval_step, variables, batches, batch_sharding,
-                                          device_keys=TRAIN_KEYS, gather_keys=LABEL_KEYS):
+    for outputs, targets, sums in predict_lib.predict(
+            eval_step, variables, batches, batch_sharding, device_keys=TRAIN_KEYS,
+            gather_keys=LABEL_KEYS):
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        accumulator.add({k: v for k, v in rows.items() if k not in LABEL_KEYS}, rows)
+        accumulator.add(outputs, targets)
     if totals is None:
         raise ValueError("the evaluation split is empty: no batch came from eval_batches")
     host = {k: float(v) for k, v in jax.device_get(totals).items()}
