@@ -44,7 +44,8 @@ def _coverage_score(windows):
 def test_proposal_picks_the_windows_covering_the_liver(tmp_path):
     ds = _synthetic_dataset(tmp_path, slice(40, 76))          # 36 slices of liver
     _coverage_score.liver_len = 36.0
-    found = proposal.propose(ds, ["lits-000"], _coverage_score, batch_size=3)["lits-000"]
+    found = proposal.propose(ds, ["lits-000"], proposal.numpy_scorer(_coverage_score),
+                             batch_size=3)["lits-000"]
     assert [w.start for w in found] == [0, 8, 16, 24, 32, 40, 48, 52]
     # Only windows starting at 32 and 40 hold the whole slab [40, 76); 24 holds 32/36 < 0.9.
     assert [w.start for w in found if w.selected] == [32, 40]
@@ -60,7 +61,7 @@ def test_proposal_picks_the_windows_covering_the_liver(tmp_path):
 def test_proposal_falls_back_to_the_best_window(tmp_path):
     ds = _synthetic_dataset(tmp_path, slice(30, 90))          # 60 slices: no window holds all
     _coverage_score.liver_len = 60.0
-    found = proposal.propose(ds, ["lits-000"], _coverage_score)["lits-000"]
+    found = proposal.propose(ds, ["lits-000"], proposal.numpy_scorer(_coverage_score))["lits-000"]
     chosen = [w for w in found if w.selected]
     assert len(chosen) == 1
     assert chosen[0].start in (32, 40)          # both hold 48/60; the first best is kept

@@ -16,7 +16,8 @@ import pytest
 from configs import liver as liver_config
 from data_prep import lits, phantom_lits
 from radnet import models, proposal
-from radnet.train import segment, transfer
+from radnet.train import checkpoint as ckpt_lib
+from radnet.train import segment
 from tests.test_transfer import radnet_init, save_pretraining
 
 ENC = dict(depth=10, variant="radnet", norm="batch", width=4, hidden=8)
@@ -56,17 +57,19 @@ def test_segment_run_frozen(setup):
     assert set(props) == set(lits.cases(str(root / "ds")))
     assert all(any(w.selected for w in ws) for ws in props.values())
 
-    # Only the best validation checkpoint is kept, and its encoder is the pretrained one.
+    # The latest and the best validation checkpoints are kept; the best one is evaluated,
+    # and its (frozen) encoder is the pretrained one.
     kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert kept == [results["best_step"]]
+    assert kept == sorted({results["best_step"], 4})
     metrics = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-    vals = {m["step"]: m["val_dice"] for m in metrics if "val_dice" in m}
+    vals = {m["step"]: m["dice"] for m in metrics if m["split"] == "val"}
     assert set(vals) == {2, 4} and vals[results["best_step"]] == max(vals.values())
-    restored, _ = transfer.restore_encoder(workdir, {"params": pre["params"],
+    assert results["val"]["mean_dice"] == pytest.approx(vals[results["best_step"]], abs=1e-6)
+    restored, _ = ckpt_lib.restore_subtree(workdir, {"params": pre["params"],
                                                      "batch_stats": pre["batch_stats"]})
     for collection in ("params", "batch_stats"):
-        a = transfer.flatten(restored[collection]["encoder"])
-        b = transfer.flatten(pre[collection]["encoder"])
+        a = ckpt_lib.flatten(restored[collection]["encoder"])
+        b = ckpt_lib.flatten(pre[collection]["encoder"])
         for k in b:
             np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
 

@@ -256,6 +256,149 @@ def collect_results(root: str) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- run
+
+def resolve_config(config) -> ml_collections.ConfigDict:
+    """A private copy with every derived field filled in, as config.json records it: the
+    encoder fields of the pretraining run (so its encoder always fits), the frozen stages,
+    the input shape of a window, the pretraining step read."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    frozen = transfer.frozen_stages(config.freeze)
+    pre = config.pretrained
+    if pre.model_fields and pre.workdir:
+        pre_model = ckpt_lib.load_config(pre.workdir).get("model", {})
+        accepted = set(models.get(config.model_name).__dataclass_fields__)
+        for key in ("depth", "variant", "norm", "width", "dilated", "dtype"):
+            if key in pre_model and key in accepted:
+                config.model[key] = pre_model[key]
+    config.model.frozen_stages = frozen
+    if transfer.restores_encoder(config.freeze):
+        pre.step = ckpt_lib.resolve_step(pre.workdir, None if pre.step < 0 else pre.step)
+    in_plane = int(lits.read_attributes(config.dataset)["in_plane"])
+    config.input.volume_shape = (config.proposal.window_slices, in_plane, in_plane)
+    return config
+
+
+def _proposals(config, workdir: str, case_ids: Sequence[str]) -> dict[str, list[proposal.Window]]:
+    p = config.proposal
+    if p.path:
+        found = proposal.read_csv(p.path)
+        missing = [c for c in case_ids if c not in found]
+        if missing:
+            raise ValueError(f"{p.path} has no windows for {len(missing)} case(s): {missing[:5]}")
+        windows = {c: found[c] for c in case_ids}
+        sizes = {w.num_slices for ws in windows.values() for w in ws}
+        if sizes != {p.window_slices}:
+            raise ValueError(f"{p.path} holds windows of {sorted(sizes)} slices, the config "
+                             f"asks for {p.window_slices}")
+    else:
+        step = None if config.pretrained.step < 0 else config.pretrained.step
+        pre_config, variables, step = ckpt_lib.load_variables(config.pretrained.workdir, step)
+        logging.info("proposal: scoring windows with %s step %d", config.pretrained.workdir, step)
+        score = proposal.radnet_liver_scorer(state_lib.build_model(pre_config), variables)
+        windows = proposal.propose(config.dataset, case_ids, score, p.window_slices, p.stride,
+                                   p.threshold, p.batch_size, progress=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        proposal.write_csv(os.path.join(workdir, "proposals.csv"), windows)
+    return windows
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Task ``segment`` for radnet.main (its return value is the exit status)."""
+    train_and_evaluate(config, workdir)
+    return 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming a killed run), evaluates the best validation checkpoint; returns
+    what results.json holds."""
+    config = resolve_config(config)
+    frozen = tuple(config.model.frozen_stages)
+    placement = loop.Placement.from_config(config)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+
+    # Data: the usable cases of each split, the fraction subset of train, proposals.
+    all_train = lits.cases(config.dataset, "train")
+    train_ids = training_subset(all_train, config.fraction, config.subset_seed)
+    val_ids, test_ids = lits.cases(config.dataset, "val"), lits.cases(config.dataset, "test")
+    if not val_ids:
+        raise ValueError(f"{config.dataset} has no validation case")
+    windows = _proposals(config, workdir, sorted(set(all_train) | set(val_ids) | set(test_ids)))
+    selected = {c: [w.start for w in ws if w.selected] for c, ws in windows.items()}
+    train_windows = [(c, s) for c in train_ids for s in selected[c]]
+    num_slices = config.proposal.window_slices
+    logging.info("segment: freeze=%s fraction=%.2f: %d/%d training cases (%d windows), "
+                 "%d val, %d test", config.freeze, config.fraction, len(train_ids),
+                 len(all_train), len(train_windows), len(val_ids), len(test_ids))
+
+    # Model, frozen stages, optimizer, steps.
+    model = state_lib.build_model(config)
+    input_shape = (1, *state_lib.input_shape(config))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
+                                                 train=False))
+    param_labels = transfer.label_tree(abstract["params"], frozen)
+    stat_labels = transfer.label_tree(abstract.get("batch_stats", {}), frozen)
+    optimizer = transfer.freeze(state_lib.build_optimizer(config), frozen)
+    predict_step = jax.jit(make_predict_step(model),
+                           out_shardings=(placement.batch_sharding, placement.replicated))
+
+    def initial_variables() -> dict:
+        variables = init_variables(model, input_shape, config.seed)
+        if transfer.restores_encoder(config.freeze):
+            variables, step = ckpt_lib.restore_subtree(config.pretrained.workdir, variables,
+                                                       config.pretrained.step)
+            logging.info("restored the encoder of %s step %d", config.pretrained.workdir, step)
+        return variables
+
+    def scores(variables, case_ids) -> dict[str, dict[str, float]]:
+        return evaluate_cases(config.dataset, case_ids, selected, num_slices, predict_step,
+                              variables, placement.batch_sharding,
+                              placement.local_eval_batch_size, config.eval.threshold)
+
+    def validate(state, step: int) -> dict[str, float]:
+        summary = seg_metrics.summarize(scores(
+            {"params": state["params"], "batch_stats": state["batch_stats"]}, val_ids))
+        logging.info("step %d validation Dice %.4f", step, summary["mean_dice"])
+        return {"dice": summary["mean_dice"]}
+
+    data_iter = train_iterator(config.dataset, train_windows, num_slices,
+                               placement.local_batch_size, config.seed,
+                               jax.process_index(), jax.process_count())
+    loop.train(config, workdir, placement, loop.Task(
+        model=model, optimizer=optimizer,
+        train_step=make_train_step(model, param_labels, stat_labels, optimizer,
+                                   config.loss.dice_smooth),
+        train_iterator=data_iter, batch_keys=("image", "mask"), evaluate=validate,
+        initial_variables=initial_variables,
+        config_extra={"n_train": len(train_ids), "n_train_windows": len(train_windows)}))
+
+    # The best validation checkpoint on the validation and test cases.
+    best_step = ckpt_lib.best_step(workdir)
+    _, best, _ = ckpt_lib.load_variables(workdir, best_step, sharding=placement.replicated)
+    per_case, summaries = {}, {}
+    for split, ids in (("val", val_ids), ("test", test_ids)):
+        if ids:
+            per_case[split] = scores(best, ids)
+            summaries[split] = seg_metrics.summarize(per_case[split])
+    results = {"freeze": config.freeze, "fraction": config.fraction, "n_train": len(train_ids),
+               "n_train_windows": len(train_windows), "best_step": int(best_step),
+               "pretrained_step": (int(config.pretrained.step)
+                                   if transfer.restores_encoder(config.freeze) else None),
+               **summaries}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "per_case.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["split", "case_id", "dice", "iou"])
+            for split, res in per_case.items():
+                for case_id, r in res.items():
+                    w.writerow([split, case_id, f"{r['dice']:.6f}", f"{r['iou']:.6f}"])
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    logging.info("segment results: %s", json.dumps(results))
+    return results
+
+
 def main(argv):
     from absl import flags  # noqa: PLC0415
 
