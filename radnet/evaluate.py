@@ -382,7 +382,8 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     data_sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
-    variables = jax.device_put(variables, replicated)
+    # Through the host: loaded variables may sit on this process's devices only.
+    variables = jax.device_put(jax.device_get(variables), replicated)
 
     def eval_step(variables, batch):
         # uint8 crosses the host→device link (4× less than float32); the scaling to

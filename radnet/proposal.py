@@ -185,7 +185,8 @@ def radnet_liver_scorer(model, variables) -> BatchScorer:
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     batch_sharding = jax.NamedSharding(mesh, jax.P("data"))
     replicated = jax.NamedSharding(mesh, jax.P())
-    variables = jax.device_put(variables, replicated)
+    # Through the host: loaded variables may sit on this process's devices only.
+    variables = jax.device_put(jax.device_get(variables), replicated)
 
     def step(variables, batch):
         # uint8 crosses to the device (a quarter of float32).
