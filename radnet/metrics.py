@@ -26,6 +26,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+import scipy.special
+import scipy.stats
 
 from radnet import labels
 
@@ -38,22 +40,13 @@ Metric = float | None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """[N, K] logits → probabilities, stable for large logits."""
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - np.max(logits, axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / np.sum(e, axis=-1, keepdims=True)
+    """[N, K] logits → probabilities (float64, stable for large logits)."""
+    return scipy.special.softmax(np.asarray(logits, dtype=np.float64), axis=-1)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Elementwise logistic function, stable on both tails."""
-    x = np.asarray(logits, dtype=np.float64)
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    e = np.exp(x[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
+    """Elementwise logistic function (float64, stable on both tails)."""
+    return scipy.special.expit(np.asarray(logits, dtype=np.float64))
 
 
 def _ratio(numerator: float, denominator: float, reason: str,
@@ -66,20 +59,7 @@ def _ratio(numerator: float, denominator: float, reason: str,
 
 def midranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks of ``values`` with ties given the mean of the ranks they span."""
-    values = np.asarray(values)
-    n = values.shape[0]
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    # Start index of each run of equal values in sorted order.
-    new_run = np.ones(n, dtype=bool)
-    new_run[1:] = sorted_values[1:] != sorted_values[:-1]
-    run_starts = np.flatnonzero(new_run)
-    run_ends = np.append(run_starts[1:], n)  # exclusive
-    run_rank = (run_starts + 1 + run_ends) / 2.0  # mean of ranks start+1 … end
-    run_of_sorted = np.cumsum(new_run) - 1
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = run_rank[run_of_sorted]
-    return ranks
+    return scipy.stats.rankdata(np.asarray(values), method="average")
 
 
 def binary_auc(scores: np.ndarray, is_positive: np.ndarray) -> tuple[Metric, str | None]:

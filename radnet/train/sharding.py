@@ -52,15 +52,7 @@ def batch_divisor(mesh, batch_axes: Sequence[str] = ("data",)) -> int:
 
 def path_name(path) -> str:
     """A key path → ``"a/b/c"`` (dict keys, attributes and sequence indices)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _spec_for(name: str, shape, mesh, rules, fsdp_axis: str, fsdp_min_size: int):
