@@ -126,14 +126,6 @@ def load(path: str | os.PathLike, step: int | None = None) -> Pretrained:
 
 # ----------------------------------------------------------------------------- merge
 
-def _split(at: str) -> tuple[str, ...]:
-    parts = tuple(p for p in str(at).split("/") if p)
-    if not parts:
-        raise ValueError(f"at={at!r}: give the encoder's path in your model, e.g. 'encoder' "
-                         "or 'backbone/encoder'")
-    return parts
-
-
 def _subtree(tree: Mapping, parts: Sequence[str]):
     node = tree
     for i, key in enumerate(parts):
@@ -154,7 +146,7 @@ def merge_encoder(variables: Mapping[str, Any], pretrained: Pretrained | Mapping
     and shapes are compared, and one ``radnet.train.checkpoint.MismatchError`` names every
     missing, unexpected or mis-shaped array. Returns a new tree; ``variables`` is untouched.
     """
-    parts = _split(at)
+    parts = transfer.split_path(at)
     if isinstance(pretrained, Pretrained):
         source = f"{pretrained.source} (step {pretrained.step})"
         encoder_variables = pretrained.encoder_variables()
@@ -198,29 +190,6 @@ def _stage_names(stages: str | Sequence[str]) -> tuple[str, ...]:
     return stages
 
 
-def freeze_labels(params: Any, stages: str | Sequence[str], at: str = ENCODER) -> Any:
-    """Same structure as ``params``: ``"frozen"`` under ``at/<stage>`` for the given stages,
-    ``"trainable"`` elsewhere (the labels of :func:`freeze`)."""
-    stages, parts = _stage_names(stages), _split(at)
-    if stages:
-        sub, where, keys = _subtree(params, parts)
-        if sub is None:
-            raise ValueError(f"cannot freeze {list(stages)}: the params have no "
-                             f"{'/'.join(parts)} (at {where}: {keys}); pass at= the encoder's path")
-        missing = [s for s in stages if s not in sub]
-        if missing:   # a renamed stage would silently freeze nothing
-            raise ValueError(f"cannot freeze {missing}: {'/'.join(parts)!r} has the stages "
-                             f"{sorted(sub)}")
-    n = len(parts)
-
-    def label(path, _):
-        names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
-        frozen = len(names) > n and tuple(names[:n]) == parts and names[n] in stages
-        return transfer.FROZEN if frozen else transfer.TRAINABLE
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
 def freeze(stages: str | Sequence[str], tx: optax.GradientTransformation | None = None,
            at: str = ENCODER) -> optax.GradientTransformation:
     """``tx`` on every parameter except those of the encoder stages ``stages``
@@ -232,9 +201,4 @@ def freeze(stages: str | Sequence[str], tx: optax.GradientTransformation | None 
     statistics of frozen stages still update in ``train=True`` unless your ResNet3D has
     ``frozen_stages`` (docs/pretrained.md).
     """
-    stages = _stage_names(stages)
-    _split(at)
-    trainable = optax.identity() if tx is None else tx
-    return optax.multi_transform(
-        {transfer.TRAINABLE: trainable, transfer.FROZEN: optax.set_to_zero()},
-        lambda params: freeze_labels(params, stages, at))
+    return transfer.freeze(optax.identity() if tx is None else tx, _stage_names(stages), at)

@@ -22,7 +22,7 @@ they stay bit-identical whatever the update.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import optax
@@ -59,14 +59,24 @@ def restores_encoder(freeze: str) -> bool:
     return freeze != "scratch"
 
 
+def split_path(at: str) -> tuple[str, ...]:
+    """``"backbone/encoder"`` → ``("backbone", "encoder")``: where the encoder sits in a model."""
+    parts = tuple(p for p in str(at).split("/") if p)
+    if not parts:
+        raise ValueError(f"at={at!r}: give the encoder's path in the model, e.g. 'encoder' "
+                         "or 'backbone/encoder'")
+    return parts
+
+
 def label_tree(tree: Any, stages: Sequence[str], at: str = ENCODER) -> Any:
     """Same structure as ``tree`` (params or batch_stats): FROZEN for the leaves under
-    ``at/<stage>`` for a stage in ``stages``, TRAINABLE elsewhere."""
-    stages = tuple(stages)
+    ``at/<stage>`` for a stage in ``stages`` (``at`` may be nested), TRAINABLE elsewhere."""
+    stages, parts = tuple(stages), split_path(at)
+    n = len(parts)
 
     def label(path, _):
         names = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
-        frozen = len(names) >= 2 and names[0] == at and names[1] in stages
+        frozen = len(names) > n and tuple(names[:n]) == parts and names[n] in stages
         return FROZEN if frozen else TRAINABLE
 
     return jax.tree_util.tree_map_with_path(label, tree)
@@ -76,11 +86,17 @@ def check_stages(params: Any, stages: Sequence[str], at: str = ENCODER) -> None:
     """Every stage to freeze must exist in the model (a renamed stage would freeze nothing)."""
     if not stages:
         return
-    if at not in params:
-        raise ValueError(f"the model has no {at!r} subtree to freeze; top level: {sorted(params)}")
-    missing = [s for s in stages if s not in params[at]]
+    node, walked = params, []
+    for key in split_path(at):
+        if not isinstance(node, Mapping) or key not in node:
+            where = "/".join(walked) or "the top level"
+            keys = sorted(node) if isinstance(node, Mapping) else []
+            raise ValueError(f"cannot freeze {list(stages)}: the params have no {at} "
+                             f"({where} holds {keys}); pass at= the encoder's path")
+        node, walked = node[key], [*walked, key]
+    missing = [s for s in stages if s not in node]
     if missing:
-        raise ValueError(f"cannot freeze {missing}: {at!r} has the stages {sorted(params[at])}")
+        raise ValueError(f"cannot freeze {missing}: {at!r} has the stages {sorted(node)}")
 
 
 def freeze(tx: optax.GradientTransformation, stages: Sequence[str],
@@ -89,6 +105,7 @@ def freeze(tx: optax.GradientTransformation, stages: Sequence[str],
     no optimizer state): after ``optax.apply_updates`` they are the same arrays, bit for bit.
     """
     stages = tuple(stages)
+    split_path(at)  # a bad path fails here, not at the first update
 
     def labels(params):
         check_stages(params, stages, at)
