@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pydicom  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from data_prep import dicom_headers, index  # noqa: E402
+from data_prep import index  # noqa: E402
+from radnet.dicom import headers as dicom_headers  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dicom_root", None, "Tree to read; default: copies of pydicom's test files.")

@@ -35,8 +35,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 import tqdm
 
-from data_prep import dicom_headers, rules
-from radnet import labels
+from radnet import labels, rules
+from radnet.dicom import geometry
+from radnet.dicom import headers as dicom_headers
 
 FILES_COLUMNS = ("path", "series_key", "status", "reason")
 SERIES_COLUMNS = ("series_key", "patient_key", "study_key", "modality", "n_files", "n_slices",
@@ -270,61 +271,36 @@ def read_all(dicom_root: str, paths: list[str], secret: bytes, cache: HeaderCach
 # ----------------------------------------------------------------------------
 
 
-def _unit(v):
-    n = math.sqrt(sum(x * x for x in v))
-    return [x / n for x in v] if n > 1e-9 else None
-
-
-def _dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
-
-
 class Slice:
-    __slots__ = ("path", "frame", "ipp", "iop", "ps", "t", "acq", "sop", "readable")
+    """One frame of one file, with the geometry the index groups and stacks by."""
 
-    def __init__(self, path, frame, f, acq, sop, readable):
+    __slots__ = ("path", "frame", "position_mm", "orientation", "pixel_spacing_mm",
+                 "temporal_index", "acquisition", "sop_key", "readable")
+
+    def __init__(self, path, frame, geometry_record, acquisition, sop_key, readable):
+        def values(key, count):
+            v = geometry_record.get(key)
+            return v if v and len(v) == count else None
+
         self.path, self.frame = path, frame
-        self.ipp = f.get("ipp") if f.get("ipp") and len(f["ipp"]) == 3 else None
-        self.iop = f.get("iop") if f.get("iop") and len(f["iop"]) == 6 else None
-        self.ps = f.get("ps") if f.get("ps") and len(f["ps"]) == 2 else None
-        self.t, self.acq, self.sop, self.readable = f.get("t"), acq, sop, readable
+        self.position_mm = values("position_mm", 3)
+        self.orientation = values("orientation", 6)
+        self.pixel_spacing_mm = values("pixel_spacing_mm", 2)  # between rows, between columns
+        self.temporal_index = geometry_record.get("temporal_index")
+        self.acquisition, self.sop_key, self.readable = acquisition, sop_key, readable
 
 
-def _orientation_groups(slices: list[Slice], tol_deg: float) -> list[list[Slice]]:
-    """Slices whose row and column cosines agree within ``tol_deg`` (signed)."""
-    cos_tol = math.cos(math.radians(tol_deg))
-    reps: list[tuple[list[float], list[float]] | None] = []
-    groups: list[list[Slice]] = []
-    for s in slices:
-        rc = None
-        if s.iop:
-            r, c = _unit(s.iop[:3]), _unit(s.iop[3:])
-            rc = (r, c) if r and c else None
-        for i, rep in enumerate(reps):
-            if rep is None and rc is None:
-                groups[i].append(s)
-                break
-            if rep is not None and rc is not None and _dot(rep[0], rc[0]) >= cos_tol \
-                    and _dot(rep[1], rc[1]) >= cos_tol:
-                groups[i].append(s)
-                break
-        else:
-            reps.append(rc)
-            groups.append([s])
-    return groups
-
-
-def _project(slices: list[Slice], iop) -> list[float] | None:
+def _positions_along_normal(slices: list[Slice], orientation) -> list[float] | None:
+    """Every slice's position along the normal of ``orientation``; None if any is unknown."""
+    if any(s.position_mm is None for s in slices):
+        return None
     try:
-        n = rules.slice_normal(iop)
+        return geometry.positions_along_normal([s.position_mm for s in slices], orientation)
     except ValueError:
         return None
-    if any(s.ipp is None for s in slices):
-        return None
-    return [_dot(s.ipp, n) for s in slices]
 
 
-def _split_acquisitions(slices: list[Slice], iop, cfg) -> list[list[Slice]]:
+def _split_acquisitions(slices: list[Slice], orientation, cfg) -> list[list[Slice]]:
     """Split a group by AcquisitionNumber only when its acquisitions are separate scans.
 
     Acquisitions sharing positions are a time series (kept together, excluded
@@ -334,10 +310,10 @@ def _split_acquisitions(slices: list[Slice], iop, cfg) -> list[list[Slice]]:
     """
     by_acq: dict[str, list[Slice]] = collections.defaultdict(list)
     for s in slices:
-        by_acq[s.acq].append(s)
+        by_acq[s.acquisition].append(s)
     if len(by_acq) < 2:
         return [slices]
-    proj = _project(slices, iop)
+    proj = _positions_along_normal(slices, orientation)
     if proj is None:
         return [slices]
     pos = {id(s): round(p / max(cfg.same_position_mm, 1e-6)) for s, p in zip(slices, proj)}
@@ -348,8 +324,9 @@ def _split_acquisitions(slices: list[Slice], iop, cfg) -> list[list[Slice]]:
                 return [slices]
     def consistent(group):
         pairs = [(s, p) for s, p in zip(slices, proj) if s.readable and s in group]
-        st = rules.stack_rule([p for _, p in pairs], [s.sop for s, _ in pairs],
-                              [s.t for s, _ in pairs], [s.acq for s, _ in pairs], None, cfg)
+        st = rules.stack_rule([p for _, p in pairs], [s.sop_key for s, _ in pairs],
+                              [s.temporal_index for s, _ in pairs],
+                              [s.acquisition for s, _ in pairs], None, cfg)
         return "inconsistent_geometry" not in st.reasons, st.n_slices
 
     if consistent(set(slices))[0]:
@@ -463,28 +440,29 @@ def build_series(records: dict[str, dict], secret: bytes, cfg,
         for p in image_rels:
             r = records[p]
             for i, f in enumerate(r.get("frames") or []):
-                slices.append(Slice(p, i, f, r.get("acq", ""), r.get("sop_key", ""),
+                slices.append(Slice(p, i, f, r.get("acquisition", ""), r.get("sop_key", ""),
                                     r["status"] == "ok"))
         groups = []
-        for og in _orientation_groups(slices, cfg.orientation_group_deg):
+        for og in geometry.orientation_groups(slices, lambda s: s.orientation,
+                                              cfg.orientation_group_deg):
             by_size = collections.defaultdict(list)
             for s in og:
                 r = records[s.path]
                 by_size[(r.get("rows"), r.get("columns"))].append(s)
             for size in sorted(by_size, key=str):
                 sg = by_size[size]
-                iop = sg[0].iop
-                for ag in (_split_acquisitions(sg, iop, cfg) if iop else [sg]):
-                    groups.append((size, iop, ag))
-        for size, iop, group in groups:
+                orientation = sg[0].orientation
+                for ag in (_split_acquisitions(sg, orientation, cfg) if orientation else [sg]):
+                    groups.append((size, orientation, ag))
+        for size, orientation, group in groups:
             if len(groups) == 1:
                 key = dicom_headers.keyed_hash(secret, "series", base)
             else:
-                acqs = ",".join(sorted({s.acq for s in group}))
-                desc = (f"{base}|{';'.join(f'{v:.2f}' for v in iop) if iop else '-'}"
-                        f"|{size}|{acqs if len(groups) > 1 else ''}")
+                acquisitions = ",".join(sorted({s.acquisition for s in group}))
+                cosines = ";".join(f"{v:.2f}" for v in orientation) if orientation else "-"
+                desc = f"{base}|{cosines}|{size}|{acquisitions if len(groups) > 1 else ''}"
                 key = dicom_headers.keyed_hash(secret, "series", desc)
-            row, review = _series_row(key, study_key, group, size, iop, records, cfg,
+            row, review = _series_row(key, study_key, group, size, orientation, records, cfg,
                                       collections_table)
             for s in group:
                 file_key[s.path] = key
@@ -505,7 +483,8 @@ def _bare_row(key: str, recs: list[dict], rels: list[str], reason: str) -> dict:
     return row
 
 
-def _series_row(key, study_key, group: list[Slice], size, iop, records, cfg, collections_table):
+def _series_row(key, study_key, group: list[Slice], size, orientation, records, cfg,
+                collections_table):
     paths = sorted({s.path for s in group})
     recs = [records[p] for p in paths]
     facts = _facts(recs)
@@ -521,19 +500,20 @@ def _series_row(key, study_key, group: list[Slice], size, iop, records, cfg, col
 
     # Geometry along the normal.
     stack = rules.Stack()
-    proj = _project(readable, iop) if (iop and readable) else None
+    proj = _positions_along_normal(readable, orientation) if (orientation and readable) else None
     if readable and proj is None:
         reasons.add("inconsistent_geometry")
         notes.append("missing ImagePositionPatient/ImageOrientationPatient")
     elif readable:
-        stack = rules.stack_rule(proj, [s.sop for s in readable], [s.t for s in readable],
-                                 [s.acq for s in readable], facts["n_temporal"], cfg)
+        stack = rules.stack_rule(proj, [s.sop_key for s in readable],
+                                 [s.temporal_index for s in readable],
+                                 [s.acquisition for s in readable], facts["n_temporal"], cfg)
         reasons.update(stack.reasons)
         notes.extend(stack.notes)
-    spacings = [s.ps for s in readable if s.ps]
-    ps = spacings[0] if spacings else None
-    if ps and any(abs(a - b) > cfg.pixel_spacing_rel_tol * max(b, 1e-6)
-                  for q in spacings for a, b in zip(q, ps)):
+    spacings = [s.pixel_spacing_mm for s in readable if s.pixel_spacing_mm]
+    pixel_spacing = spacings[0] if spacings else None
+    if pixel_spacing and any(abs(a - b) > cfg.pixel_spacing_rel_tol * max(b, 1e-6)
+                             for q in spacings for a, b in zip(q, pixel_spacing)):
         reasons.add("inconsistent_geometry")
         notes.append("PixelSpacing varies")
     n_slices = stack.n_slices if readable and proj is not None else len({(s.path, s.frame) for s in readable})
@@ -543,7 +523,7 @@ def _series_row(key, study_key, group: list[Slice], size, iop, records, cfg, col
         reasons.add("missing_description")
 
     seq = rules.sequence_rule(facts, cfg)
-    view = rules.view_rule(iop, cfg)
+    view = rules.view_rule(orientation, cfg)
     contrast = rules.contrast_rule(facts) if modality in rules.SUPPORTED_MODALITIES else rules.Rule()
     reasons.update(seq.reasons)
     reasons.update(view.reasons)
@@ -553,10 +533,11 @@ def _series_row(key, study_key, group: list[Slice], size, iop, records, cfg, col
         reasons.add("spacing_too_large")
 
     z_ext = None
-    if iop and ps and stack.extent_mm is not None and size[0] and size[1]:
+    if orientation and pixel_spacing and stack.extent_mm is not None and size[0] and size[1]:
         first = readable[stack.order[0]]
-        z_ext = rules.z_extent_mm(iop, first.ipp, stack.extent_mm, stack.slice_spacing_mm or 0.0,
-                                  size[0], size[1], ps)
+        z_ext = geometry.z_extent_mm(orientation, first.position_mm, stack.extent_mm,
+                                     stack.slice_spacing_mm or 0.0, size[0], size[1],
+                                     pixel_spacing)
     collection = facts["collection"]
     top = paths[0].split("/")[0] if "/" in paths[0] else ""
     coll_regions = (collections_table.get(collection.upper()) if collection else None) \
@@ -586,8 +567,8 @@ def _series_row(key, study_key, group: list[Slice], size, iop, records, cfg, col
         "provenance": " | ".join(p for p in prov if p),
         "rows": size[0] or "",
         "columns": size[1] or "",
-        "pixel_spacing_mm": ";".join(_fmt(v) for v in ps) if ps else "",
-        "orientation": ";".join(_fmt(v) for v in iop) if iop else "",
+        "pixel_spacing_mm": ";".join(_fmt(v) for v in pixel_spacing) if pixel_spacing else "",
+        "orientation": ";".join(_fmt(v) for v in orientation) if orientation else "",
         "extent_mm": _fmt(stack.extent_mm),
         "_collection": collection or top,
         "_top": top,

@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
-from data_prep import volume_core
+from radnet import preprocess
 from radnet.data import schema
 
 ORIENTATION = "slices inferior->superior, rows anterior->posterior, columns right->left (LPS +z,+y,+x)"
@@ -167,9 +167,9 @@ def prepare_case(volume_path: str, segmentation_path: str, in_plane: int = 192,
         raise CaseError("not_3d", f"in-plane size {rows_src}x{cols_src}")
 
     positions = slice_positions(n_src, float(spacing[0]), slice_spacing_mm)
-    # The pretraining volumes' own in-plane resize and quantisation (data_prep.volume_core),
+    # The pretraining volumes' own in-plane resize and quantisation (radnet.preprocess),
     # so the liver images are preprocessed exactly like the volumes the encoder learnt on.
-    resize = volume_core.PlaneResizer(in_plane, in_plane, antialias=False)
+    resize = preprocess.PlaneResizer(in_plane, in_plane, antialias=False)
     nn_rows = _nearest_index(rows_src, in_plane)
     nn_cols = _nearest_index(cols_src, in_plane)
 
@@ -201,7 +201,7 @@ def prepare_case(volume_path: str, segmentation_path: str, in_plane: int = 192,
     lo_v, hi_v = float(out_image.min()), float(out_image.max())
     if hi_v <= lo_v:
         raise CaseError("constant_image", f"every voxel is {lo_v}")
-    image_u8 = volume_core.to_uint8(out_image, volume_core.VolumeOptions(), in_place=True)
+    image_u8 = preprocess.to_uint8(out_image, preprocess.VolumeOptions(), in_place=True)
 
     row = {
         "n_slices": len(positions),

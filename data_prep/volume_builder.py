@@ -40,7 +40,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from data_prep import volume_core
+from radnet import preprocess
 from radnet import labels
 from radnet.data import schema
 
@@ -67,8 +67,8 @@ def parse_orientation(text: str | None) -> tuple[float, ...] | None:
     return values if len(values) == 6 and all(math.isfinite(v) for v in values) else None
 
 
-def options_from_config(config) -> volume_core.VolumeOptions:
-    return volume_core.VolumeOptions(
+def options_from_config(config) -> preprocess.VolumeOptions:
+    return preprocess.VolumeOptions(
         volume_shape=tuple(int(s) for s in config.volume_shape),
         min_slices=int(config.min_slices),
         max_effective_spacing_mm=float(config.max_effective_spacing_mm),
@@ -142,7 +142,7 @@ def _context(fsync: bool) -> ts.Context:
     return ts.Context({"file_io_sync": bool(fsync)})
 
 
-def _init_worker(out: str, dicom_root: str, options: volume_core.VolumeOptions,
+def _init_worker(out: str, dicom_root: str, options: preprocess.VolumeOptions,
                  fsync: bool = True, finalizer: bool = True) -> None:
     context = _context(fsync)
     _WORKER["volume"] = schema.open_arrays(out, names=("volume",), read_only=False,
@@ -150,7 +150,7 @@ def _init_worker(out: str, dicom_root: str, options: volume_core.VolumeOptions,
     _WORKER["markers"] = _kvstore(out, BUILD_PREFIX, context)
     _WORKER["dicom_root"] = dicom_root
     _WORKER["options"] = options
-    _WORKER["workspace"] = volume_core.Workspace(options)  # buffers kept across series
+    _WORKER["workspace"] = preprocess.Workspace(options)  # buffers kept across series
     _WORKER["pending"] = None  # (chunk write future, outcome) of the series in flight
     if finalizer:
         # A pool worker completes its last write when it exits normally (pool.close()).
@@ -197,7 +197,7 @@ def _work(task: Task) -> dict:
     Returns the outcome (for progress and the run summary) while the write may still
     be in flight; durability is recorded by the marker alone.
     """
-    options: volume_core.VolumeOptions = _WORKER["options"]
+    options: preprocess.VolumeOptions = _WORKER["options"]
     root = _WORKER["dicom_root"]
     abs_paths = [os.path.join(root, *p.split("/")) for p in task.paths]
     outcome = {"index": task.index, "series_key": task.series_key, "status": "included",
@@ -209,11 +209,11 @@ def _work(task: Task) -> dict:
         if not abs_paths:
             # files.csv lists no file under this key: e.g. a multi-frame file whose
             # frames the index split into several series is listed under one of them.
-            raise volume_core.SeriesError("decode_failed", "files.csv lists no included file "
+            raise preprocess.SeriesError("decode_failed", "files.csv lists no included file "
                                           "for this series")
-        built = volume_core.build_volume(abs_paths, options, orientation=task.orientation,
+        built = preprocess.build_volume(abs_paths, options, orientation=task.orientation,
                                          workspace=_WORKER["workspace"])
-    except volume_core.SeriesError as err:
+    except preprocess.SeriesError as err:
         outcome.update(status="excluded", reason=err.reason,
                        message=_scrub(err.message, abs_paths, root), **err.info)
     except Exception as err:  # any other failure of one series must not stop the build

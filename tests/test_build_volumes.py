@@ -21,7 +21,8 @@ from pydicom.data import get_testdata_file
 from scipy import ndimage
 
 from configs import build_volumes as config_lib
-from data_prep import volume_builder, volume_core, volume_synth as synth
+from data_prep import volume_builder, volume_synth as synth
+from radnet import preprocess
 from radnet import labels
 from radnet.data import schema
 
@@ -45,7 +46,7 @@ def reference_uint8(truth: np.ndarray, shape) -> np.ndarray:
 
 
 def opts(shape=(8, 16, 16), **kw):
-    return volume_core.VolumeOptions(volume_shape=shape, **{"min_slices": 2, **kw})
+    return preprocess.VolumeOptions(volume_shape=shape, **{"min_slices": 2, **kw})
 
 
 # ------------------------------------------------------------------------- resizing
@@ -55,8 +56,8 @@ def test_linear_taps_match_scipy_half_pixel_resize():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(13, 7))
     for n_out in (4, 13, 29):
-        idx, w = volume_core.linear_taps(13, n_out)
-        got = volume_core.apply_taps(x, idx, w, 0)
+        idx, w = preprocess.linear_taps(13, n_out)
+        got = preprocess.apply_taps(x, idx, w, 0)
         centres = np.clip((np.arange(n_out) + 0.5) * 13 / n_out - 0.5, 0, 12)
         ref = ndimage.map_coordinates(x, np.meshgrid(centres, np.arange(7), indexing="ij"), order=1)
         np.testing.assert_allclose(got, ref, atol=1e-5)
@@ -64,38 +65,38 @@ def test_linear_taps_match_scipy_half_pixel_resize():
 
 def test_antialias_suppresses_aliasing_when_shrinking():
     stripes = np.tile([0.0, 1.0], 48)[None, :].repeat(4, 0)  # [4, 96] period 2
-    plain = volume_core.PlaneResizer(4, 32, antialias=False)(stripes)
-    smooth = volume_core.PlaneResizer(4, 32, antialias=True)(stripes)
+    plain = preprocess.PlaneResizer(4, 32, antialias=False)(stripes)
+    smooth = preprocess.PlaneResizer(4, 32, antialias=True)(stripes)
     assert plain.std() > 0.4  # plain linear hits single samples: the stripes alias at full contrast
     assert smooth.std() < 0.1 and abs(smooth.mean() - 0.5) < 0.05
-    idx, w = volume_core.linear_taps(64, 16, antialias=True)
+    idx, w = preprocess.linear_taps(64, 16, antialias=True)
     np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
 
 
 def test_resample_follows_true_positions_and_rejects_gaps():
     positions = np.array([0.0, 1.0, 2.1, 3.0, 4.0, 5.0, 6.0, 7.0])  # one slightly uneven gap
     stack = positions[:, None, None] * np.ones((1, 2, 2))  # value = position along n
-    out = volume_core.resample_slices(stack.astype(np.float32), positions, 4)
+    out = preprocess.resample_slices(stack.astype(np.float32), positions, 4)
     # Output centres span the voxel extent [-0.5, 7.5] in four steps of 2 mm.
     np.testing.assert_allclose(out[:, 0, 0], [0.5, 2.5, 4.5, 6.5], atol=1e-5)
-    assert volume_core.check_spacing(positions, 0.25) == pytest.approx(1.0)
-    with pytest.raises(volume_core.SeriesError, match="missing or misplaced") as err:
-        volume_core.check_spacing(np.array([0.0, 1.0, 2.0, 4.0, 5.0]), 0.25)
+    assert preprocess.check_spacing(positions, 0.25) == pytest.approx(1.0)
+    with pytest.raises(preprocess.SeriesError, match="missing or misplaced") as err:
+        preprocess.check_spacing(np.array([0.0, 1.0, 2.0, 4.0, 5.0]), 0.25)
     assert err.value.reason == "inconsistent_geometry"
 
 
 def test_quantisation_modes_and_constant_volume():
     const = np.full((4, 3, 3), 37.5, np.float32)
     for mode in ("minmax", "percentile"):
-        out = volume_core.to_uint8(const, opts(normalise=mode))
+        out = preprocess.to_uint8(const, opts(normalise=mode))
         assert out.dtype == np.uint8 and not out.any()
     ramp = np.linspace(-1000, 1000, 4 * 9, dtype=np.float32).reshape(4, 3, 3)
-    out = volume_core.to_uint8(ramp, opts())
+    out = preprocess.to_uint8(ramp, opts())
     assert out.min() == 0 and out.max() == 255
-    window = volume_core.to_uint8(ramp, opts(normalise="window", window_level=0.0, window_width=200.0))
+    window = preprocess.to_uint8(ramp, opts(normalise="window", window_level=0.0, window_width=200.0))
     assert np.all(window[ramp < -100] == 0) and np.all(window[ramp > 100] == 255)
     with pytest.raises(ValueError, match="normalise"):
-        volume_core.to_uint8(ramp, opts(normalise="zscore"))
+        preprocess.to_uint8(ramp, opts(normalise="zscore"))
 
 
 # --------------------------------------------------------------- real DICOM files
@@ -115,7 +116,7 @@ def test_ct5n_geometric_order_padded_not_stretched():
     assert np.corrcoef(z, inst)[0, 1] < -0.99
     hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
     truth = hu[np.argsort(z)]
-    built = volume_core.build_volume(paths, opts((8, 16, 16), min_slices=5))
+    built = preprocess.build_volume(paths, opts((8, 16, 16), min_slices=5))
     assert built.n_slices == 5 and built.padded
     assert built.effective_spacing_mm == pytest.approx(2.5)  # padded: original spacing
     assert built.slice_spacing_mm == pytest.approx(2.5)
@@ -125,8 +126,8 @@ def test_ct5n_geometric_order_padded_not_stretched():
     by_instance = reference_uint8(hu[np.argsort(inst)], (8, 16, 16))
     assert np.abs(built.volume.astype(int) - by_instance).max() > 50  # the wrong order differs
     # With the paper's minimum of 16 slices the same series is refused, with the reason.
-    with pytest.raises(volume_core.SeriesError) as err:
-        volume_core.build_volume(paths, opts((8, 16, 16), min_slices=16))
+    with pytest.raises(preprocess.SeriesError) as err:
+        preprocess.build_volume(paths, opts((8, 16, 16), min_slices=16))
     assert err.value.reason == "too_few_slices"
 
 
@@ -141,7 +142,7 @@ def test_volume_matches_truth(tmp_path, orientation, enhanced, n_slices):
     paths, truth = synth.write_body_series(
         str(tmp_path), n_slices, 24, 20, orientation=orientation, slice_spacing_mm=3.0,
         enhanced=enhanced, slopes=slopes, intercepts=intercepts, instance_order="reversed", rng=rng)
-    built = volume_core.build_volume(paths, opts((8, 12, 16)))
+    built = preprocess.build_volume(paths, opts((8, 12, 16)))
     ref = reference_uint8(truth, (8, 12, 16))
     assert np.abs(built.volume.astype(int) - ref).max() <= 2
     assert (built.n_slices, built.rows, built.columns) == (n_slices, 24, 20)
@@ -151,17 +152,17 @@ def test_volume_matches_truth(tmp_path, orientation, enhanced, n_slices):
 
 def test_series_errors_carry_specific_reasons(tmp_path):
     paths, _ = synth.write_body_series(str(tmp_path / "a"), 10, 8, 8, slice_spacing_mm=20.0)
-    with pytest.raises(volume_core.SeriesError) as err:
-        volume_core.build_volume(paths, opts((4, 8, 8)))
+    with pytest.raises(preprocess.SeriesError) as err:
+        preprocess.build_volume(paths, opts((4, 8, 8)))
     assert err.value.reason == "spacing_too_large" and err.value.info["effective_spacing_mm"] == 50.0
     twice = paths + synth.write_body_series(str(tmp_path / "b"), 10, 8, 8, slice_spacing_mm=20.0)[0]
-    with pytest.raises(volume_core.SeriesError, match="share a position") as err:
-        volume_core.build_volume(twice, opts((4, 8, 8), max_effective_spacing_mm=100.0))
+    with pytest.raises(preprocess.SeriesError, match="share a position") as err:
+        preprocess.build_volume(twice, opts((4, 8, 8), max_effective_spacing_mm=100.0))
     assert err.value.reason == "inconsistent_geometry"
     bad = tmp_path / "truncated"
     bad.write_bytes(Path(paths[0]).read_bytes()[:-100])  # pixel data cut short
-    with pytest.raises(volume_core.SeriesError) as err:
-        volume_core.build_volume(paths[1:] + [str(bad)], opts((4, 8, 8), max_effective_spacing_mm=100.0))
+    with pytest.raises(preprocess.SeriesError) as err:
+        preprocess.build_volume(paths[1:] + [str(bad)], opts((4, 8, 8), max_effective_spacing_mm=100.0))
     assert err.value.reason == "decode_failed" and str(tmp_path) not in err.value.message
 
 
@@ -171,15 +172,15 @@ def test_monochrome1_is_refused_by_name(tmp_path):
         ds = pydicom.dcmread(p)
         ds.PhotometricInterpretation = "MONOCHROME1"
         ds.save_as(p)
-    with pytest.raises(volume_core.SeriesError, match="MONOCHROME1") as err:
-        volume_core.build_volume(paths, opts((4, 8, 8)))
+    with pytest.raises(preprocess.SeriesError, match="MONOCHROME1") as err:
+        preprocess.build_volume(paths, opts((4, 8, 8)))
     assert err.value.reason == "decode_failed"
 
 
 def test_effective_spacing_at_the_limit_is_kept(tmp_path):
     """15 mm is the paper's limit: exactly 15 (up to the decimal-string noise of a tilted
     stack's positions) is kept, and the index and the builder agree; 15.1 is dropped."""
-    from data_prep import rules
+    from radnet import rules
     t = np.radians(7.9)  # a gantry-tilt-like orientation: positions are irrational
     tilted = (1.0, 0.0, 0.0, 0.0, float(np.cos(t)), float(-np.sin(t)))
     options = opts((8, 16, 16))
@@ -187,11 +188,11 @@ def test_effective_spacing_at_the_limit_is_kept(tmp_path):
         paths, _ = synth.write_body_series(str(tmp_path / f"s{spacing}"), 16, 16, 16,
                                            orientation=tilted, slice_spacing_mm=spacing)
         if kept:
-            built = volume_core.build_volume(paths, options)
+            built = preprocess.build_volume(paths, options)
             assert built.effective_spacing_mm == pytest.approx(15.0, abs=1e-4)
         else:
-            with pytest.raises(volume_core.SeriesError) as err:
-                volume_core.build_volume(paths, options)
+            with pytest.raises(preprocess.SeriesError) as err:
+                preprocess.build_volume(paths, options)
             assert err.value.reason == "spacing_too_large"
     assert not rules.spacing_too_large(15.0000001, 15.0) and rules.spacing_too_large(15.01, 15.0)
 
@@ -200,14 +201,14 @@ def test_index_and_builder_measure_one_spacing():
     """One slightly uneven gap (within both tolerances): the index's predicted spacing and
     effective spacing are the builder's, so neither keeps what the other drops."""
     from configs import index as index_config
-    from data_prep import rules
+    from radnet import rules
     positions = np.arange(144) * 5.0
     positions[100:] += 0.4
     n = len(positions)
     stack = rules.stack_rule(list(positions), [f"sop{i}" for i in range(n)], [None] * n,
                              [""] * n, None, index_config.get_config())
     assert not stack.reasons
-    measured = volume_core.check_spacing(positions, 0.25)
+    measured = preprocess.check_spacing(positions, 0.25)
     assert stack.slice_spacing_mm == pytest.approx(measured, abs=1e-9)
     assert measured == pytest.approx(715.4 / 143)  # extent / (n − 1), not the median 5.0
 
@@ -219,13 +220,13 @@ def test_multi_stack_file_gives_the_series_its_own_frames(tmp_path):
     coronal, truth = synth.write_body_series(str(tmp_path / "c"), 7, 16, 16, enhanced=True,
                                              orientation=synth.CORONAL, rng=rng)
     both = synth.merge_enhanced(axial + coronal, str(tmp_path / "both"))
-    built = volume_core.build_volume([both], opts((8, 16, 16)), orientation=synth.CORONAL)
+    built = preprocess.build_volume([both], opts((8, 16, 16)), orientation=synth.CORONAL)
     assert built.n_slices == 7
     assert np.abs(built.volume.astype(int) - reference_uint8(truth, (8, 16, 16))).max() <= 2
-    with pytest.raises(volume_core.SeriesError, match="orientations differ"):
-        volume_core.build_volume([both], opts((8, 16, 16)))  # without the index's orientation
-    with pytest.raises(volume_core.SeriesError, match="none of its 16 frames"):
-        volume_core.build_volume([both], opts((8, 16, 16)), orientation=synth.SAGITTAL)
+    with pytest.raises(preprocess.SeriesError, match="orientations differ"):
+        preprocess.build_volume([both], opts((8, 16, 16)))  # without the index's orientation
+    with pytest.raises(preprocess.SeriesError, match="none of its 16 frames"):
+        preprocess.build_volume([both], opts((8, 16, 16)), orientation=synth.SAGITTAL)
     # Through the dataset builder, with the index's current output for such a file:
     # listed once in files.csv (under the coronal series), the axial series without files.
     synth.write_index(str(tmp_path / "index"), str(tmp_path), [
@@ -240,13 +241,13 @@ def test_multi_stack_file_gives_the_series_its_own_frames(tmp_path):
 def test_orientation_recheck_uses_the_index_angle():
     def frame(deg, z):
         t = np.radians(deg)  # row cosines tilted in the x–z plane
-        return volume_core.Frame(np.array([0.0, 0.0, z]), np.array([np.cos(t), 0, np.sin(t), 0, 1, 0]),
+        return preprocess.Frame(np.array([0.0, 0.0, z]), np.array([np.cos(t), 0, np.sin(t), 0, 1, 0]),
                                  4, 4, np.zeros((2, 2), np.float32))
     frames = [frame(0.0, 0.0), frame(0.6, 2.0), frame(0.0, 1.0)]
-    ordered, positions = volume_core.order_frames(frames, 1.0)
+    ordered, positions = preprocess.order_frames(frames, 1.0)
     np.testing.assert_allclose(positions, [0.0, 1.0, 2.0], atol=0.05)
-    with pytest.raises(volume_core.SeriesError, match="orientations differ"):
-        volume_core.order_frames(frames + [frame(1.5, 3.0)], 1.0)
+    with pytest.raises(preprocess.SeriesError, match="orientations differ"):
+        preprocess.order_frames(frames + [frame(1.5, 3.0)], 1.0)
 
 
 def circle_outside(n: int, rows: int, cols: int) -> np.ndarray:
@@ -282,7 +283,7 @@ def test_pixel_padding_compared_on_stored_values_and_filled_with_least_value(tmp
     paths = synth.write_series(str(tmp_path), truth, grid[0, 0, 0], synth.AXIAL, (15.0, 15.0), 4.0,
                                slopes=slopes, intercepts=intercepts, enhanced=enhanced,
                                pad_mask=mask, rng=rng, **kw)
-    built = volume_core.build_volume(paths, opts(shape)).volume.astype(int)
+    built = preprocess.build_volume(paths, opts(shape)).volume.astype(int)
     expected = reference_uint8(fill_padded(truth, mask), shape)
     assert np.abs(built - expected).max() <= 2
     assert built[:, 0, 0].max() == 0  # padding as dark as the darkest real pixel
@@ -300,18 +301,18 @@ def test_pixel_padding_compared_on_stored_values_and_filled_with_least_value(tmp
 def test_padding_attributes_follow_pixel_representation(tmp_path):
     ds = pydicom.Dataset()
     ds.BitsAllocated, ds.PixelRepresentation = 16, 1
-    assert volume_core.Padding.from_dataset(ds) is None
+    assert preprocess.Padding.from_dataset(ds) is None
     ds.PixelPaddingValue = 63536  # -2000 written with VR US: the bit pattern counts
-    assert volume_core.Padding.from_dataset(ds) == volume_core.Padding(-2000, -2000)
+    assert preprocess.Padding.from_dataset(ds) == preprocess.Padding(-2000, -2000)
     ds.PixelRepresentation, ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 0, 100, 0
-    pad = volume_core.Padding.from_dataset(ds)
-    assert pad == volume_core.Padding(0, 100)
+    pad = preprocess.Padding.from_dataset(ds)
+    assert pad == preprocess.Padding(0, 100)
     np.testing.assert_array_equal(pad.mask(np.array([0, 50, 100, 101], np.uint16)),
                                   [True, True, True, False])
     # A series that is all padding is constant: zeros, never NaN.
     paths, truth = synth.write_body_series(str(tmp_path), 4, 8, 8, padding=-2000,
                                            pad_mask=np.ones((4, 8, 8), bool))
-    built = volume_core.build_volume(paths, opts((4, 8, 8)))
+    built = preprocess.build_volume(paths, opts((4, 8, 8)))
     assert built.volume.dtype == np.uint8 and not built.volume.any()
 
 
@@ -337,7 +338,7 @@ def test_native_pixels_equal_pydicom_on_its_own_test_files():
             continue
         if "PixelData" not in ds:
             continue
-        fast = volume_core.native_pixels(ds)
+        fast = preprocess.native_pixels(ds)
         if fast is None:
             continue
         ref = ds.pixel_array
@@ -358,14 +359,14 @@ def test_native_pixels_drop_unused_bits_as_pydicom(tmp_path, bits, stored, signe
     ds = synth_dataset(raw.view(dtype), stored)
     ds.save_as(path, enforce_file_format=True)
     ds = pydicom.dcmread(path)
-    fast, ref = volume_core.native_pixels(ds), ds.pixel_array
+    fast, ref = preprocess.native_pixels(ds), ds.pixel_array
     assert fast.dtype == ref.dtype == dtype and fast.shape == ref.shape
     np.testing.assert_array_equal(fast, ref)
     if stored < bits:  # the garbage was there and is gone
         assert not np.array_equal(fast, raw.view(dtype).reshape(fast.shape))
     short = pydicom.dcmread(path)
     short.PixelData = short.PixelData[:-2]  # too few bytes: pydicom decodes (and reports)
-    assert volume_core.native_pixels(short) is None
+    assert preprocess.native_pixels(short) is None
 
 
 def synth_dataset(pixels: np.ndarray, bits_stored: int) -> pydicom.Dataset:
@@ -396,9 +397,9 @@ def synth_dataset(pixels: np.ndarray, bits_stored: int) -> pydicom.Dataset:
 def test_other_transfer_syntaxes_decode_like_the_uncompressed_file(name):
     """pydicom's copies of one MR slice, compressed (pylibjpeg plugins) or in another
     byte order, give exactly the frame of the uncompressed file."""
-    workspace = volume_core.Workspace(opts((4, 16, 16)))
-    ref = volume_core.read_frames(get_testdata_file("MR_small.dcm"), workspace)[0]
-    got = volume_core.read_frames(get_testdata_file(name), workspace)[0]
+    workspace = preprocess.Workspace(opts((4, 16, 16)))
+    ref = preprocess.read_frames(get_testdata_file("MR_small.dcm"), workspace)[0]
+    got = preprocess.read_frames(get_testdata_file(name), workspace)[0]
     np.testing.assert_array_equal(got.pixels, ref.pixels)
     np.testing.assert_array_equal(got.position, ref.position)
 
@@ -416,15 +417,15 @@ def test_compressed_series_builds_the_same_volume_and_corrupt_stream_is_named(tm
         ds.save_as(compressed[-1])
     assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == uid
     options = opts((8, 16, 16))
-    np.testing.assert_array_equal(volume_core.build_volume(compressed, options).volume,
-                                  volume_core.build_volume(paths, options).volume)
+    np.testing.assert_array_equal(preprocess.build_volume(compressed, options).volume,
+                                  preprocess.build_volume(paths, options).volume)
     # A truncated stream in one file: the series fails with decode_failed and pydicom's
     # message, named by the file's label, never its path.
     ds = pydicom.dcmread(compressed[5])
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
     ds.save_as(compressed[5])
-    with pytest.raises(volume_core.SeriesError) as err:
-        volume_core.build_volume(compressed, options, names=[f"f{k}" for k in range(12)])
+    with pytest.raises(preprocess.SeriesError) as err:
+        preprocess.build_volume(compressed, options, names=[f"f{k}" for k in range(12)])
     assert err.value.reason == "decode_failed" and err.value.message.startswith("f5: ")
     assert str(tmp_path) not in err.value.message
 
@@ -434,13 +435,13 @@ def test_workspace_reuse_with_padding_across_frame_sizes(tmp_path):
     exactly what fresh workspaces build (its scratch buffers and padding cache follow)."""
     rng = np.random.default_rng(8)
     options = opts((8, 16, 16), max_effective_spacing_mm=100.0)
-    workspace = volume_core.Workspace(options)
+    workspace = preprocess.Workspace(options)
     for k, size in enumerate([20, 24, 20, 28, 24]):
         mask = circle_outside(10, size, size)
         paths, _ = synth.write_body_series(str(tmp_path / f"s{k}"), 10, size, size,
                                            padding=-2000, pad_mask=mask, rng=rng)
-        fresh = volume_core.build_volume(paths, options).volume
-        reused = volume_core.build_volume(paths, options, workspace=workspace).volume
+        fresh = preprocess.build_volume(paths, options).volume
+        reused = preprocess.build_volume(paths, options, workspace=workspace).volume
         np.testing.assert_array_equal(fresh, reused)
 
 
@@ -454,10 +455,10 @@ def test_workspace_reuse_gives_the_same_volumes(tmp_path):
                                            orientation=view, rng=rng)
         series.append(paths)
     options = opts((8, 16, 16), max_effective_spacing_mm=100.0)
-    workspace = volume_core.Workspace(options, keep_frames=16)
+    workspace = preprocess.Workspace(options, keep_frames=16)
     for paths in series + series[::-1]:
-        fresh = volume_core.build_volume(paths, options).volume
-        reused = volume_core.build_volume(paths, options, workspace=workspace).volume
+        fresh = preprocess.build_volume(paths, options).volume
+        reused = preprocess.build_volume(paths, options, workspace=workspace).volume
         np.testing.assert_array_equal(fresh, reused)
     assert len(workspace._blocks) <= 1 + 30 // workspace.BLOCK  # noqa: SLF001
 

@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import lits, volume_core
+from data_prep import lits
+from radnet import preprocess
 
 
 def _save(path, data, affine):
@@ -96,7 +97,7 @@ def test_in_plane_resize_maps_pixel_centres(tmp_path):
 def test_in_plane_resize_matches_numpy_interp():
     """The liver images use the pretraining volumes' resize: pixel centres onto centres."""
     x = np.random.default_rng(0).normal(size=(11, 7)).astype(np.float32)
-    got = volume_core.PlaneResizer(5, 3, antialias=False)(x)
+    got = preprocess.PlaneResizer(5, 3, antialias=False)(x)
     rows = np.clip((np.arange(5) + 0.5) * 11 / 5 - 0.5, 0, 10)
     cols = np.clip((np.arange(3) + 0.5) * 7 / 3 - 0.5, 0, 6)
     along_rows = np.stack([np.interp(rows, np.arange(11), x[:, j]) for j in range(7)], axis=1)

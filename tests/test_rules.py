@@ -5,7 +5,8 @@ import math
 import pytest
 
 from configs import index as index_config
-from data_prep import rules
+from radnet import rules
+from radnet.dicom import geometry
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def _tilted(deg):
 
 
 def test_oblique_at_the_tolerance(cfg):
-    assert rules.oblique_angle_deg(_tilted(cfg.max_oblique_deg)) == pytest.approx(cfg.max_oblique_deg)
+    assert geometry.oblique_angle_deg(_tilted(cfg.max_oblique_deg)) == pytest.approx(cfg.max_oblique_deg)
     at = rules.view_rule(_tilted(cfg.max_oblique_deg), cfg)
     assert at.value == "axial" and at.reasons == []
     beyond = rules.view_rule(_tilted(cfg.max_oblique_deg + 0.5), cfg)
@@ -228,9 +229,9 @@ def test_coverage_from_collection_and_none(cfg):
 
 def test_z_extent_is_in_plane_for_coronal():
     # Coronal: rows run along -z; 100 rows of 2 mm, 10 slices of 3 mm along y.
-    z = rules.z_extent_mm([1, 0, 0, 0, 0, -1], [0, 0, 0], 27.0, 3.0, 100, 50, [2.0, 1.0])
+    z = geometry.z_extent_mm([1, 0, 0, 0, 0, -1], [0, 0, 0], 27.0, 3.0, 100, 50, [2.0, 1.0])
     assert z == pytest.approx(200.0)
-    z = rules.z_extent_mm([1, 0, 0, 0, 1, 0], [0, 0, 0], 27.0, 3.0, 100, 50, [2.0, 1.0])
+    z = geometry.z_extent_mm([1, 0, 0, 0, 1, 0], [0, 0, 0], 27.0, 3.0, 100, 50, [2.0, 1.0])
     assert z == pytest.approx(30.0)                     # axial: n × spacing
 
 

@@ -32,9 +32,18 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pydicom
 
-from configs import common
-from data_prep import dicom_values, rules
 from pydicom.multival import MultiValue
+
+from radnet import rules
+from radnet.dicom import geometry
+from radnet.dicom import values as dicom_values
+
+# The paper's volume rules (Du & Vardhanabhuti 2020, 2.1.5), shared by the index
+# (configs/index.py), which predicts them, and the volume builder
+# (configs/build_volumes.py), which applies them: one place, so the two never drift.
+PAPER_VOLUME_SHAPE = (48, 192, 192)  # slices along the normal, rows, columns
+PAPER_MIN_SLICES = 16  # fewer slices: too_few_slices
+PAPER_MAX_EFFECTIVE_SPACING_MM = 15.0  # effective slice spacing above it: spacing_too_large
 
 # Two frames closer than this along the normal are the same slice position (a repeated
 # acquisition or a time series), which cannot be ordered into one volume.
@@ -55,9 +64,9 @@ class SeriesError(Exception):
 class VolumeOptions:
     """How a series becomes a volume (filled from configs/build_volumes.py)."""
 
-    volume_shape: tuple[int, int, int] = common.PAPER_VOLUME_SHAPE
-    min_slices: int = common.PAPER_MIN_SLICES
-    max_effective_spacing_mm: float = common.PAPER_MAX_EFFECTIVE_SPACING_MM
+    volume_shape: tuple[int, int, int] = PAPER_VOLUME_SHAPE
+    min_slices: int = PAPER_MIN_SLICES
+    max_effective_spacing_mm: float = PAPER_MAX_EFFECTIVE_SPACING_MM
     # Relative deviation of one slice gap from the median gap that counts as a
     # missing or misplaced slice (re-check of the index's spacing).
     max_spacing_deviation: float = 0.25
@@ -65,7 +74,7 @@ class VolumeOptions:
     # series; the index groups slices into series with the same angle, so the re-check
     # never rejects a series the index formed (at 1° and 200 mm from the centre the
     # stacked planes are off by 3.5 mm, under two output voxels of a 400 mm field).
-    max_orientation_deviation_deg: float = common.ORIENTATION_GROUP_DEG
+    max_orientation_deviation_deg: float = geometry.ORIENTATION_GROUP_DEG
     antialias: bool = False  # in-plane triangle filter when shrinking (paper: off)
     normalise: str = "minmax"  # minmax | percentile | window
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -734,29 +743,7 @@ def fill_padding(frames: Sequence[Frame]) -> None:
 # ----------------------------------------------------------------------------- series
 
 
-def slice_normal(orientation: Sequence[float]) -> np.ndarray:
-    """Unit normal n = row cosines × column cosines (rules.slice_normal, the index's)."""
-    try:
-        return np.asarray(rules.slice_normal([float(v) for v in orientation]), np.float64)
-    except ValueError as err:
-        raise SeriesError("inconsistent_geometry",
-                          f"degenerate ImageOrientationPatient {list(orientation)}: {err}") from None
-
-
-def _unit_cosines(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    o = np.asarray(orientation, dtype=np.float64)
-    r, c = o[:3], o[3:]
-    return r / (np.linalg.norm(r) or 1.0), c / (np.linalg.norm(c) or 1.0)
-
-
-def same_orientation(a: np.ndarray, b: np.ndarray, max_deg: float) -> bool:
-    """Row cosines and column cosines of ``a`` and ``b`` each within ``max_deg`` degrees."""
-    (ra, ca), (rb, cb) = _unit_cosines(a), _unit_cosines(b)
-    cos_tol = np.cos(np.radians(max_deg))
-    return bool(ra @ rb >= cos_tol and ca @ cb >= cos_tol)
-
-
-def order_frames(frames: list[Frame], max_orientation_deg: float = 1.0
+def order_frames(frames: list[Frame], max_orientation_deg: float = geometry.ORIENTATION_GROUP_DEG
                  ) -> tuple[list[Frame], np.ndarray]:
     """Frames sorted ascending along the slice normal, and their positions along it (mm)."""
     first = frames[0]
@@ -764,16 +751,16 @@ def order_frames(frames: list[Frame], max_orientation_deg: float = 1.0
         if (f.rows, f.columns) != (first.rows, first.columns):
             raise SeriesError("inconsistent_geometry",
                               f"image sizes differ: {first.rows}x{first.columns} and {f.rows}x{f.columns}")
-    # All frames at once: row and column cosines of each within the angle of the first's.
-    cosines = np.stack([f.orientation for f in frames]).reshape(-1, 2, 3)
-    norms = np.linalg.norm(cosines, axis=2, keepdims=True)
-    cosines = cosines / np.where(norms > 0, norms, 1.0)
-    agreement = np.einsum("fkc,kc->fk", cosines, cosines[0])
-    if np.any(agreement < np.cos(np.radians(max_orientation_deg))):
+    # Row and column cosines of each frame within the angle of the first's.
+    if len(geometry.orientation_groups(frames, lambda f: f.orientation, max_orientation_deg)) > 1:
         raise SeriesError("inconsistent_geometry", "slice orientations differ within the series "
                           f"(by more than {max_orientation_deg}°)")
-    normal = slice_normal(first.orientation)
-    positions = np.stack([f.position for f in frames]) @ normal
+    try:
+        positions = np.asarray(geometry.positions_along_normal(
+            [f.position for f in frames], first.orientation), np.float64)
+    except ValueError as err:
+        raise SeriesError("inconsistent_geometry", "degenerate ImageOrientationPatient "
+                          f"{[float(v) for v in first.orientation]}: {err}") from None
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
     if len(positions) > 1 and np.min(np.diff(positions)) < DUPLICATE_POSITION_MM:
@@ -794,10 +781,9 @@ def frames_of_series(frames: list[Frame], orientation: Sequence[float] | None,
     """
     if orientation is None or len(frames) < 2:
         return frames
-    if all(same_orientation(f.orientation, frames[0].orientation, max_deg) for f in frames[1:]):
+    if len(geometry.orientation_groups(frames, lambda f: f.orientation, max_deg)) == 1:
         return frames
-    target = np.asarray(orientation, dtype=np.float64)
-    kept = [f for f in frames if same_orientation(f.orientation, target, max_deg)]
+    kept = [f for f in frames if geometry.same_orientation(f.orientation, orientation, max_deg)]
     if not kept:
         raise SeriesError("inconsistent_geometry",
                           f"{what}: none of its {len(frames)} frames has the series' orientation")

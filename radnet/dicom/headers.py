@@ -30,11 +30,11 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from data_prep import dicom_values
+from radnet.dicom import values as dicom_values
 
 # Bump when the record layout or its meaning changes: cached records made by an
 # older reader are then parsed again.
-READER_VERSION = 4
+READER_VERSION = 5
 
 _KEYWORDS = (
     # identity (hashed, never stored in clear)
@@ -236,15 +236,17 @@ def _check_pixel_data(fp, ds, file_size: int, n_frames: int) -> str:
 
 
 def _frames(ds) -> list[dict[str, Any]]:
-    """Per-frame geometry: ipp [3], iop [6], ps [2] (row, col spacing), temporal index."""
+    """Per-frame geometry: position_mm [3] (ImagePositionPatient), orientation [6]
+    (ImageOrientationPatient), pixel_spacing_mm [2] (between rows, between columns),
+    temporal_index."""
     per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     if not per_frame:
         return [{
-            "ipp": _floats(ds, "ImagePositionPatient"),
-            "iop": _floats(ds, "ImageOrientationPatient"),
-            "ps": _floats(ds, "PixelSpacing"),
-            "t": _int(ds, "TemporalPositionIdentifier"),
+            "position_mm": _floats(ds, "ImagePositionPatient"),
+            "orientation": _floats(ds, "ImageOrientationPatient"),
+            "pixel_spacing_mm": _floats(ds, "PixelSpacing"),
+            "temporal_index": _int(ds, "TemporalPositionIdentifier"),
         }]
 
     def lookup(frame, seq_kw, kw, conv):
@@ -259,10 +261,12 @@ def _frames(ds) -> list[dict[str, Any]]:
     frames = []
     for frame in per_frame:
         frames.append({
-            "ipp": lookup(frame, "PlanePositionSequence", "ImagePositionPatient", _floats),
-            "iop": lookup(frame, "PlaneOrientationSequence", "ImageOrientationPatient", _floats),
-            "ps": lookup(frame, "PixelMeasuresSequence", "PixelSpacing", _floats),
-            "t": lookup(frame, "FrameContentSequence", "TemporalPositionIndex", _int),
+            "position_mm": lookup(frame, "PlanePositionSequence", "ImagePositionPatient",
+                                  _floats),
+            "orientation": lookup(frame, "PlaneOrientationSequence", "ImageOrientationPatient",
+                                  _floats),
+            "pixel_spacing_mm": lookup(frame, "PixelMeasuresSequence", "PixelSpacing", _floats),
+            "temporal_index": lookup(frame, "FrameContentSequence", "TemporalPositionIndex", _int),
         })
     return frames
 
@@ -443,7 +447,7 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
                 "rows": _int(ds, "Rows"),
                 "columns": _int(ds, "Columns"),
                 "n_frames": n_frames,
-                "acq": _text(ds, "AcquisitionNumber"),
+                "acquisition": _text(ds, "AcquisitionNumber"),
                 "n_temporal": _int(ds, "NumberOfTemporalPositions"),
                 "ss": _strings(ds, "ScanningSequence"),
                 "sv": _strings(ds, "SequenceVariant"),

@@ -18,12 +18,12 @@ also count as ``HEAD``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import statistics
 from typing import Iterable, Sequence
 
 from radnet import labels
+from radnet.dicom import geometry
 
 # ----------------------------------------------------------------------------
 # The tables
@@ -354,44 +354,28 @@ def sequence_rule(facts: dict, cfg) -> Rule:
 # ----------------------------------------------------------------------------
 
 
-def slice_normal(iop: Sequence[float]) -> tuple[float, float, float]:
-    """Unit normal = row cosines × column cosines (the direction slices advance in)."""
-    r, c = iop[:3], iop[3:6]
-    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
-    norm = math.sqrt(sum(v * v for v in n))
-    if norm < 1e-6:
-        raise ValueError("row and column cosines are parallel")
-    return (n[0] / norm, n[1] / norm, n[2] / norm)
-
-
 VIEW_OF_AXIS = ("sagittal", "coronal", "axial")  # normal along patient x (L-R), y (A-P), z (S-I)
 
 
-def view_rule(iop: Sequence[float] | None, cfg) -> Rule:
+def view_rule(orientation: Sequence[float] | None, cfg) -> Rule:
     """View = the patient axis the slice normal is closest to; obliquity beyond
     ``max_oblique_deg`` adds non_standard_view (the view is still filled)."""
     rule = Rule()
-    if not iop or len(iop) != 6:
+    if not orientation or len(orientation) != 6:
         rule.provenance = "view unknown<-no ImageOrientationPatient"
         return rule
     try:
-        n = slice_normal(iop)
+        n = geometry.slice_normal(orientation)
     except ValueError as e:
         rule.provenance = f"view unknown<-{e}"
         return rule
-    axis = max(range(3), key=lambda i: abs(n[i]))
-    angle = math.degrees(math.acos(min(1.0, abs(n[axis]))))
+    axis, angle = geometry.nearest_patient_axis(n)
     rule.value = VIEW_OF_AXIS[axis]
     rule.provenance = f"view={rule.value}<-normal({n[0]:.3f},{n[1]:.3f},{n[2]:.3f}) oblique {angle:.1f}deg"
     # A hair of tolerance so an angle written at exactly the limit is not lost to rounding.
     if angle > cfg.max_oblique_deg + 1e-6:
         rule.reasons.append("non_standard_view")
     return rule
-
-
-def oblique_angle_deg(iop: Sequence[float]) -> float:
-    n = slice_normal(iop)
-    return math.degrees(math.acos(min(1.0, max(abs(v) for v in n))))
 
 
 # ----------------------------------------------------------------------------
@@ -560,7 +544,7 @@ def stack_rule(proj_mm: Sequence[float], sop_keys: Sequence[str], temporal: Sequ
     duplicates (inconsistent_geometry). The same SOP instance twice is a copied
     file, also inconsistent. Gaps are checked against the median step; the spacing is
     the mean step, extent / (n − 1), the definition the volume builder resamples with
-    (volume_core.check_spacing), so index and builder predict the same effective spacing.
+    (radnet.preprocess.check_spacing), so index and builder predict the same effective spacing.
     """
     st = Stack()
     if not proj_mm:
@@ -634,22 +618,3 @@ def effective_spacing_mm(spacing_mm: float | None, n_slices: int,
     if n_slices > target_slices:
         return spacing_mm * n_slices / target_slices
     return spacing_mm
-
-
-def z_extent_mm(iop: Sequence[float], first_ipp: Sequence[float], normal_extent_mm: float,
-                spacing_mm: float, rows: int, columns: int, pixel_spacing: Sequence[float]) -> float:
-    """Superior-inferior (patient z) length of the imaged slab, from all 8 corners.
-
-    The slab spans the voxel edges: rows × row spacing, columns × column spacing,
-    and the slice centres ± half a spacing along the normal. For coronal and
-    sagittal series the z extent is in-plane.
-    """
-    r, c = iop[:3], iop[3:6]
-    n = slice_normal(iop)
-    row_mm, col_mm = pixel_spacing[0], pixel_spacing[1]  # between rows, between columns
-    zs = []
-    for a in (-0.5, columns - 0.5):
-        for b in (-0.5, rows - 0.5):
-            for d in (-0.5 * spacing_mm, normal_extent_mm + 0.5 * spacing_mm):
-                zs.append(first_ipp[2] + r[2] * a * col_mm + c[2] * b * row_mm + n[2] * d)
-    return max(zs) - min(zs)
