@@ -64,7 +64,7 @@ def select(scores: Sequence[float], threshold: float = 0.9) -> list[int]:
 def propose_case(case_id: str, image_store, score_fn: ScoreFn, window_slices: int = 48,
                  stride: int = 8, threshold: float = 0.9, batch_size: int = 4) -> list[Window]:
     """Scores every window of one case (``image_store``: TensorStore/array ``[n, H, W]``)."""
-    from data_prep import lits  # noqa: PLC0415
+    from radnet.data import lits  # noqa: PLC0415
 
     starts = window_starts(int(image_store.shape[0]), window_slices, stride)
     scores: list[float] = []
@@ -86,7 +86,7 @@ def propose(dataset: str, case_ids: Iterable[str], score_fn: ScoreFn, window_sli
     """All windows (scored, with the selection) of the given cases of a LiTS dataset."""
     from tqdm import tqdm  # noqa: PLC0415
 
-    from data_prep import lits  # noqa: PLC0415
+    from radnet.data import lits  # noqa: PLC0415
 
     out = {}
     for case_id in tqdm(list(case_ids), desc="proposal", unit="case", disable=not progress):
@@ -151,7 +151,7 @@ def main(argv):
 
     from absl import flags  # noqa: PLC0415
 
-    from data_prep import lits  # noqa: PLC0415
+    from radnet.data import lits  # noqa: PLC0415
     from radnet.train import transfer  # noqa: PLC0415
 
     del argv

@@ -1,4 +1,4 @@
-"""data_prep.lits on small real NIfTI files written with nibabel."""
+"""radnet.data.lits and data_prep.lits on small real NIfTI files written with nibabel."""
 
 import csv
 import os
@@ -7,8 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import lits
-from radnet import preprocess
+from data_prep.lits import build as lits_build
+from radnet.data import lits
+from radnet import labels, preprocess
 
 
 def _save(path, data, affine):
@@ -117,7 +118,7 @@ def test_build_dataset_manifest_splits_and_windows(tmp_path):
     _save(str(src / "volume-8.nii"), vol, affine)        # no segmentation
     (src / "notes.txt").write_text("x")
     out = str(tmp_path / "ds")
-    manifest = lits.build(str(tmp_path / "lits"), out, in_plane=6, slice_spacing_mm=5.0,
+    manifest = lits_build.build(str(tmp_path / "lits"), out, in_plane=6, slice_spacing_mm=5.0,
                           seed=3, progress=False)
 
     with open(os.path.join(out, "manifest.csv")) as f:
@@ -127,12 +128,12 @@ def test_build_dataset_manifest_splits_and_windows(tmp_path):
     assert rows["lits-007"]["reason"] == "unexpected_labels"
     assert rows["lits-008"]["reason"] == "missing_segmentation"
     assert rows["Training Batch 1/notes.txt"]["reason"] == "unrecognised_file_name"
-    splits = [rows[lits.case_id_of(k)]["split"] for k in range(7)]
+    splits = [rows[lits_build.case_id_of(k)]["split"] for k in range(7)]
     assert sorted(splits) == sorted(["train"] * 5 + ["val"] + ["test"])
     # Seeded: the same seed gives the same split, another seed (here) a different one.
-    ids = [lits.case_id_of(k) for k in range(7)]
-    assert lits.assign_splits(ids, seed=3) == {lits.case_id_of(k): s for k, s in enumerate(splits)}
-    assert any(lits.assign_splits(ids, seed=s) != lits.assign_splits(ids, seed=3) for s in (4, 5, 6))
+    ids = [lits_build.case_id_of(k) for k in range(7)]
+    assert lits_build.assign_splits(ids, seed=3) == {lits_build.case_id_of(k): s for k, s in enumerate(splits)}
+    assert any(lits_build.assign_splits(ids, seed=s) != lits_build.assign_splits(ids, seed=3) for s in (4, 5, 6))
 
     assert lits.read_attributes(out)["in_plane"] == 6
     image, mask = lits.open_case(out, "lits-003")
@@ -147,9 +148,9 @@ def test_build_dataset_manifest_splits_and_windows(tmp_path):
 
 
 def test_paper_split_sizes():
-    ids = [lits.case_id_of(k) for k in range(131)]
-    split = lits.assign_splits(ids, seed=0)
-    counts = {s: list(split.values()).count(s) for s in lits.SPLITS}
+    ids = [lits_build.case_id_of(k) for k in range(131)]
+    split = lits_build.assign_splits(ids, seed=0)
+    counts = {s: list(split.values()).count(s) for s in labels.SPLITS}
     assert counts == {"train": 92, "val": 19, "test": 20}
 
 

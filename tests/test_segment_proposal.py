@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from data_prep import lits
+from data_prep.lits import build as lits_build
+from radnet.data import lits
 from radnet import proposal
 
 
@@ -30,8 +31,8 @@ def _synthetic_dataset(tmp_path, liver_slices):
     image[liver_slices] = 200
     mask[liver_slices] = 1
     out = str(tmp_path / "ds")
-    lits._write_group(out, {"kind": "lits", "in_plane": 6})
-    lits.write_case(out, "lits-000", lits.PreparedCase(image, mask, {}))
+    lits_build.write_group(out, {"kind": "lits", "in_plane": 6})
+    lits_build.write_case(out, "lits-000", lits.PreparedCase(image, mask, {}))
     return out
 
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from configs import liver as liver_config
-from data_prep import lits, phantom_lits
+from data_prep import phantom_lits
+from data_prep.lits import build as lits_build
+from radnet.data import lits
 from radnet import models, proposal
 from radnet.train import segment, transfer
 from tests.test_transfer import radnet_init, save_pretraining
@@ -26,7 +28,7 @@ ENC = dict(depth=10, variant="radnet", norm="batch", width=4, hidden=8)
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("liver")
     phantom_lits.write_cases(str(root / "lits"), 3, 0)
-    lits.build(str(root / "lits"), str(root / "ds"), in_plane=32, progress=False)
+    lits_build.build(str(root / "lits"), str(root / "ds"), in_plane=32, progress=False)
     v = radnet_init()
     save_pretraining(str(root / "pre"), v["params"], v["batch_stats"], ENC, step=3)
     return root, v

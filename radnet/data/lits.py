@@ -1,11 +1,9 @@
-"""LiTS (Liver Tumor Segmentation challenge) → radnet liver dataset.
+"""LiTS liver cases: the NIfTI case preparation and the reader of the prepared dataset.
 
-    python -m data_prep.lits --lits_dir=DIR --out=DATASET [--in_plane=192]
-
-Finds every ``volume-<k>.nii[.gz]`` / ``segmentation-<k>.nii[.gz]`` pair under
-``lits_dir`` (any depth: the challenge ships two "Training Batch" folders), and for
-each case:
-
+``prepare_case`` turns one ``volume-<k>.nii[.gz]`` / ``segmentation-<k>.nii[.gz]`` pair
+into the arrays the liver task trains on (the batch tool ``python -m data_prep.lits``
+runs it over a LiTS folder and writes the dataset; a user preprocesses a new NIfTI volume
+with the same function at run time). For each case:
 1. **Orientation.** Both files are brought to one convention, the one the pretraining
    volumes use for an axial DICOM series (slices ascending along the normal, then image
    rows, then image columns, radiological display): array axes ``[slice, row, column]``
@@ -32,18 +30,14 @@ Layout of DATASET (zarr v3, written with TensorStore)::
 
 Chunks of 8 slices match the proposal's stride, so a 48-slice window reads 6 chunks and
 never the whole case. Splits are 70/15/15 (the paper's 92/19/20 of 131 cases) over the
-usable cases, shuffled with a seed.
+usable cases, shuffled with a seed (``data_prep.lits``).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
-import json
 import math
-import multiprocessing
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -52,12 +46,12 @@ import tensorstore as ts
 
 from radnet import preprocess
 from radnet.data import schema
+from radnet.labels import SPLITS
 
 ORIENTATION = "slices inferior->superior, rows anterior->posterior, columns right->left (LPS +z,+y,+x)"
 # nibabel axis codes of the intermediate [x, y, z] array before the final transpose.
 _TARGET_AXCODES = ("L", "P", "S")
 CHUNK_SLICES = 8
-SPLITS = ("train", "val", "test")
 LIVER_LABELS = (1, 2)
 VALID_LABELS = (0, 1, 2)
 
@@ -66,8 +60,6 @@ MANIFEST_COLUMNS = (
     "n_slices", "rows", "columns", "slice_spacing_mm", "pixel_spacing_mm",
     "source_shape", "source_spacing_mm", "source_axcodes", "liver_voxels",
 )
-
-_FILE_RE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
 
 
 class CaseError(ValueError):
@@ -220,29 +212,13 @@ def prepare_case(volume_path: str, segmentation_path: str, in_plane: int = 192,
 
 # ----------------------------------------------------------------------------- dataset I/O
 
-def _array_spec(dataset: str, kind: str, case_id: str, shape=None) -> dict:
+def array_spec(dataset: str, kind: str, case_id: str, shape=None) -> dict:
     """One case's image or mask array: schema's array layout, chunks of CHUNK_SLICES."""
     name = f"{kind}/{case_id}"
     if shape is None:  # open an existing array
         return {"driver": "zarr3", "kvstore": schema.kvstore_spec(f"{dataset.rstrip('/')}/{name}")}
     return schema.array_spec(dataset, name, shape, "uint8", (CHUNK_SLICES, *shape[1:]),
                               schema.CODECS["zstd"], 0)
-
-
-def _write_group(dataset: str, attributes: dict) -> None:
-    kv = ts.KvStore.open(schema.kvstore_spec(dataset.rstrip("/") + "/")).result()
-    kv.write("zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
-                                      "attributes": attributes}, indent=1).encode()).result()
-    for kind in ("image", "mask"):
-        kv.write(f"{kind}/zarr.json", json.dumps(
-            {"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()).result()
-
-
-def write_case(dataset: str, case_id: str, case: PreparedCase) -> None:
-    for kind, arr in (("image", case.image), ("mask", case.mask)):
-        store = ts.open(_array_spec(dataset, kind, case_id, arr.shape),
-                        create=True, delete_existing=True).result()
-        store.write(arr).result()
 
 
 def read_attributes(dataset: str) -> dict:
@@ -271,8 +247,8 @@ def cases(dataset: str, split: str | None = None) -> list[str]:
 
 def open_case(dataset: str, case_id: str) -> tuple[ts.TensorStore, ts.TensorStore]:
     """(image, mask) TensorStores of one case, each ``[n_slices, H, W]`` uint8."""
-    return (ts.open(_array_spec(dataset, "image", case_id), read=True).result(),
-            ts.open(_array_spec(dataset, "mask", case_id), read=True).result())
+    return (ts.open(array_spec(dataset, "image", case_id), read=True).result(),
+            ts.open(array_spec(dataset, "mask", case_id), read=True).result())
 
 
 def read_window(store: ts.TensorStore, start: int, num_slices: int) -> np.ndarray:
@@ -287,167 +263,3 @@ def read_window(store: ts.TensorStore, start: int, num_slices: int) -> np.ndarra
     if hi > lo:
         out[lo - start:hi - start] = store[lo:hi].read().result()
     return out
-
-
-# ----------------------------------------------------------------------------- whole run
-
-def find_cases(lits_dir: str) -> tuple[dict[int, dict[str, str]], list[dict[str, str]]]:
-    """``{k: {"volume": rel, "segmentation": rel}}`` and rows for files that match nothing."""
-    found: dict[int, dict[str, str]] = {}
-    stray: list[dict[str, str]] = []
-    for root, dirs, files in os.walk(lits_dir):
-        dirs.sort()
-        for name in sorted(files):
-            rel = os.path.relpath(os.path.join(root, name), lits_dir).replace(os.sep, "/")
-            m = _FILE_RE.match(name)
-            if not m:
-                stray.append({"volume_file": rel, "reason": "unrecognised_file_name"})
-                continue
-            kind, k = m.group(1), int(m.group(2))
-            entry = found.setdefault(k, {})
-            if kind in entry:
-                stray.append({"volume_file": rel, "reason": "duplicate_case",
-                              "case_id": case_id_of(k)})
-                continue
-            entry[kind] = rel
-    return found, stray
-
-
-def case_id_of(k: int) -> str:
-    return f"lits-{k:03d}"
-
-
-def assign_splits(case_ids: Sequence[str], fractions=(0.7, 0.15, 0.15),
-                  seed: int = 0) -> dict[str, str]:
-    """Seeded 70/15/15 split: round(70%) train, floor(15%) val, the rest test (≥1 each)."""
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
-    ids = sorted(case_ids)
-    n = len(ids)
-    if n < 3:
-        raise ValueError(f"need at least 3 usable cases for train/val/test, got {n}")
-    n_val = max(1, int(math.floor(fractions[1] * n)))
-    n_test = max(1, n - int(round(fractions[0] * n)) - n_val)
-    n_train = n - n_val - n_test
-    if n_train < 1:
-        raise ValueError(f"{n} cases leave no training case with fractions {fractions}")
-    order = np.random.default_rng(seed).permutation(n)
-    out = {}
-    for rank, idx in enumerate(order):
-        out[ids[idx]] = "train" if rank < n_train else ("val" if rank < n_train + n_val else "test")
-    return out
-
-
-def _prepare_worker(args):
-    case_id, vol, seg, in_plane, spacing = args
-    try:
-        return case_id, prepare_case(vol, seg, in_plane, spacing), None
-    except CaseError as e:
-        return case_id, None, (e.reason, e.detail)
-    except MemoryError:
-        return case_id, None, ("out_of_memory", "case too large for this worker")
-
-
-def build(lits_dir: str, out: str, in_plane: int = 192, slice_spacing_mm: float = 5.0,
-          seed: int = 0, split_fractions=(0.7, 0.15, 0.15), workers: int = 1,
-          progress: bool = True) -> list[dict[str, Any]]:
-    """Builds the dataset; returns the manifest rows (also written to manifest.csv)."""
-    from absl import logging  # noqa: PLC0415
-    from tqdm import tqdm  # noqa: PLC0415
-
-    if not os.path.isdir(lits_dir):
-        raise FileNotFoundError(f"--lits_dir {lits_dir} is not a directory")
-    found, stray = find_cases(lits_dir)
-    os.makedirs(out, exist_ok=True)
-    _write_group(out, {"kind": "lits", "in_plane": in_plane,
-                       "slice_spacing_mm": slice_spacing_mm, "orientation": ORIENTATION,
-                       "chunk_slices": CHUNK_SLICES, "liver_labels": list(LIVER_LABELS),
-                       "intensity": "uint8 min-max per volume"})
-    rows: dict[str, dict[str, Any]] = {}
-    jobs = []
-    for k in sorted(found):
-        case_id = case_id_of(k)
-        entry = found[k]
-        row = {c: "" for c in MANIFEST_COLUMNS}
-        row.update(case_id=case_id, volume_file=entry.get("volume", ""),
-                   segmentation_file=entry.get("segmentation", ""))
-        rows[case_id] = row
-        if "volume" not in entry or "segmentation" not in entry:
-            row.update(status="excluded", reason="missing_volume" if "volume" not in entry
-                       else "missing_segmentation")
-            continue
-        jobs.append((case_id, os.path.join(lits_dir, entry["volume"]),
-                     os.path.join(lits_dir, entry["segmentation"]), in_plane, slice_spacing_mm))
-
-    def handle(result):
-        case_id, prepared, error = result
-        row = rows[case_id]
-        if error is not None:
-            row.update(status="excluded", reason=error[0])
-            logging.warning("%s excluded: %s: %s", case_id, *error)
-            return
-        write_case(out, case_id, prepared)
-        row.update(prepared.row, status="included")
-
-    bar = tqdm(total=len(jobs), desc="lits cases", unit="case", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            handle(_prepare_worker(job))
-            bar.update()
-    else:
-        # spawn: TensorStore and JAX threads do not survive fork; the parent writes.
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for result in pool.map(_prepare_worker, jobs):
-                handle(result)
-                bar.update()
-    bar.close()
-
-    included = [cid for cid, r in rows.items() if r["status"] == "included"]
-    for cid, split in assign_splits(included, split_fractions, seed).items():
-        rows[cid]["split"] = split
-    manifest = list(rows.values())
-    for s in stray:
-        row = {c: "" for c in MANIFEST_COLUMNS}
-        row.update(s, status="excluded")
-        manifest.append(row)
-    with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(manifest)
-    counts = {s: sum(1 for r in manifest if r["split"] == s) for s in SPLITS}
-    logging.info("LiTS dataset %s: %d included (%s), %d excluded rows", out, len(included),
-                 counts, len(manifest) - len(included))
-    return manifest
-
-
-def main(argv):
-    from absl import flags  # noqa: PLC0415
-
-    del argv
-    f = flags.FLAGS
-    fractions = tuple(float(x) for x in f.split.split(","))
-    manifest = build(f.lits_dir, f.out, in_plane=f.in_plane,
-                     slice_spacing_mm=f.slice_spacing_mm, seed=f.seed,
-                     split_fractions=fractions, workers=f.workers)
-    included = sum(r["status"] == "included" for r in manifest)
-    print(json.dumps({"dataset": f.out, "included": included,
-                      "excluded": len(manifest) - included,
-                      **{s: sum(r["split"] == s for r in manifest) for s in SPLITS}}))
-    return 0
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("lits_dir", None, "Folder holding volume-<k>.nii[.gz] and "
-                        "segmentation-<k>.nii[.gz] (searched recursively).", required=True)
-    flags.DEFINE_string("out", None, "Output dataset folder (zarr v3 + manifest.csv).",
-                        required=True)
-    flags.DEFINE_integer("in_plane", 192, "In-plane size after resampling (pixels).")
-    flags.DEFINE_float("slice_spacing_mm", 5.0, "Slice spacing after resampling (mm).")
-    flags.DEFINE_integer("seed", 0, "Seed of the train/val/test split.")
-    flags.DEFINE_string("split", "0.7,0.15,0.15", "train,val,test fractions.")
-    flags.DEFINE_integer("workers", max(1, min(4, (os.cpu_count() or 1) - 1)),
-                         "Processes reading and resampling cases.")
-    app.run(main)
