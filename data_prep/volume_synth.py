@@ -267,7 +267,7 @@ def write_index(index_dir: str, dicom_root: str, series: Sequence[dict],
     series.csv columns (status defaults to included, split to train). ``extra_files``:
     (absolute path, reason) of excluded files without a series.
     """
-    from data_prep.index import FILES_COLUMNS, SERIES_COLUMNS, _write_csv
+    from data_prep.index.outputs import FILES_COLUMNS, SERIES_COLUMNS, write_csv
 
     os.makedirs(index_dir, exist_ok=True)
     file_rows, series_rows = [], []
@@ -285,7 +285,7 @@ def write_index(index_dir: str, dicom_root: str, series: Sequence[dict],
     for p, reason in extra_files:
         file_rows.append({"path": os.path.relpath(p, dicom_root).replace(os.sep, "/"),
                           "series_key": "", "status": "excluded", "reason": reason})
-    _write_csv(os.path.join(index_dir, "files.csv"), FILES_COLUMNS,
+    write_csv(os.path.join(index_dir, "files.csv"), FILES_COLUMNS,
                sorted(file_rows, key=lambda r: r["path"]))
-    _write_csv(os.path.join(index_dir, "series.csv"), SERIES_COLUMNS,
+    write_csv(os.path.join(index_dir, "series.csv"), SERIES_COLUMNS,
                sorted(series_rows, key=lambda r: r["series_key"]))

@@ -14,6 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from configs import index as index_config
 from data_prep import index
+from data_prep.index import outputs, reading
+from data_prep.index.salt import load_salt
 
 FAKE = {"PatientName": "Zzfake^Persona", "PatientID": "FAKEID-998877",
         "PatientBirthDate": "19230405", "InstitutionName": "Nowhere Fake Hospital"}
@@ -175,7 +177,7 @@ def test_bundled_not_image_and_unreadable(bundled):
 def test_every_file_exactly_once(bundled):
     root, out, _ = bundled
     listed = [r["path"] for r in read_csv(out / "files.csv")]
-    on_disk = sorted(index.walk(str(root)))
+    on_disk = sorted(reading.walk(str(root)))
     assert listed == on_disk and len(set(listed)) == len(listed)
 
 
@@ -347,7 +349,7 @@ def test_keys_depend_on_the_salt(tmp_path, salt):
     k2 = {r["series_key"] for r in f2.values()}
     assert len(k1) == 1 and k1.isdisjoint(k2)
     new = tmp_path / "sub" / "new_salt"
-    index.load_salt(str(new))                        # created when missing, private
+    load_salt(str(new))                        # created when missing, private
     assert new.exists() and (new.stat().st_mode & 0o777) == 0o600
 
 
@@ -390,4 +392,4 @@ def test_summary_funnel_counts_each_series_once(tmp_path, salt):
     assert sum(funnel.values()) + summary["series"]["included"] == len(series)
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["series"] == summary["series"]
-    assert "exclusion funnel" in index.format_summary(summary)
+    assert "exclusion funnel" in outputs.format_summary(summary)

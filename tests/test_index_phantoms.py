@@ -10,6 +10,7 @@ import pytest
 
 from configs import index as index_config
 from data_prep import index
+from data_prep.index import reading
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_labels_agree_with_truth(archive):
 
 def test_every_file_once_and_no_identity(archive):
     root, out = archive
-    on_disk = index.walk(str(root / "dicom"))
+    on_disk = reading.walk(str(root / "dicom"))
     assert [r["path"] for r in _rows(out / "files.csv")] == on_disk
     identity = set()
     for rel in on_disk[::7]:

@@ -39,7 +39,7 @@ import csv
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
