@@ -681,26 +681,27 @@ def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[F
         pixels = _decode(ds, what, workspace.scratch).reshape(n_frames, rows, cols)
         frames = []
         for k, group in enumerate(per_frame):
-            ipp = _group_value(group, shared, "PlanePositionSequence", "ImagePositionPatient")
-            iop = _group_value(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-            if ipp is None or iop is None:
+            position = _group_value(group, shared, "PlanePositionSequence", "ImagePositionPatient")
+            orientation = _group_value(group, shared, "PlaneOrientationSequence",
+                                       "ImageOrientationPatient")
+            if position is None or orientation is None:
                 raise SeriesError("inconsistent_geometry", f"{what}: frame {k + 1} has no plane position/orientation")
             slope = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleSlope")
             intercept = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleIntercept")
             physical, fraction, least = _physical(pixels[k], workspace, slope, intercept, padding)
-            frames.append(Frame(_floats(ipp, 3, "ImagePositionPatient"),
-                                _floats(iop, 6, "ImageOrientationPatient"), rows, cols,
+            frames.append(Frame(_floats(position, 3, "ImagePositionPatient"),
+                                _floats(orientation, 6, "ImageOrientationPatient"), rows, cols,
                                 physical, fraction, least))
         return frames
     if n_frames != 1:
         raise SeriesError("inconsistent_geometry",
                           f"{what}: {n_frames} frames without per-frame positions")
-    ipp = dicom_values.value(ds, "ImagePositionPatient")
-    iop = dicom_values.value(ds, "ImageOrientationPatient")
-    if ipp is None or iop is None:
+    position = dicom_values.value(ds, "ImagePositionPatient")
+    orientation = dicom_values.value(ds, "ImageOrientationPatient")
+    if position is None or orientation is None:
         raise SeriesError("inconsistent_geometry", f"{what}: no ImagePositionPatient/ImageOrientationPatient")
-    position = _floats(ipp, 3, "ImagePositionPatient")
-    orientation = _floats(iop, 6, "ImageOrientationPatient")
+    position = _floats(position, 3, "ImagePositionPatient")
+    orientation = _floats(orientation, 6, "ImageOrientationPatient")
     pixels = _decode(ds, what, workspace.scratch)
     physical, fraction, least = _physical(
         pixels, workspace, dicom_values.value(ds, "RescaleSlope"),

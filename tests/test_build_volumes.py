@@ -21,7 +21,8 @@ from pydicom.data import get_testdata_file
 from scipy import ndimage
 
 from configs import build_volumes as config_lib
-from data_prep import volume_builder, volume_synth as synth
+from data_prep.phantoms import volume_synth as synth
+from data_prep.volumes import builder as volume_builder
 from radnet import preprocess
 from radnet import labels
 from radnet.data import schema
@@ -576,7 +577,7 @@ def test_kill_minus_9_then_rerun_gives_identical_dataset(tmp_path):
     volume_builder.build(index, dicom, str(reference), tiny_config(), progress=False)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "data_prep.build_volumes", f"--index={index}",
-           f"--dicom_root={dicom}", f"--out={out}", "--workers=2", "--no_progress",
+           f"--dicom_root={dicom}", f"--out={out}", "--workers=2", "--noprogress",
            "--config=configs/build_volumes.py:tiny", "--config.volume_shape=(8,16,16)"]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -603,9 +604,9 @@ def test_kill_minus_9_then_rerun_gives_identical_dataset(tmp_path):
 
 @pytest.fixture(scope="module")
 def phantom_archive(tmp_path_factory):
-    from data_prep import phantoms
+    from data_prep.phantoms import pacs
     out = tmp_path_factory.mktemp("phantom_pacs")
-    phantoms.generate(str(out), patients=3, seed=4, lits_cases=0, workers=1)
+    pacs.generate(str(out), patients=3, seed=4, lits_cases=0, workers=1)
     return out
 
 
@@ -648,7 +649,7 @@ def padded_pixels(first_file: Path, physical: np.ndarray) -> np.ndarray:
 
 def test_phantom_pacs_volumes_match_reference(phantom_archive, tmp_path):
     """The real index of the phantom PACS → every included series builds and matches its reference."""
-    from data_prep.phantoms import reference_volume
+    from data_prep.phantoms.pacs import reference_volume
 
     files, series = real_index(phantom_archive, tmp_path / "index")
     # Index series ↔ phantom truth, through the truth's first file of each series.

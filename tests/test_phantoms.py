@@ -12,10 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_prep import phantom_physics as PH
-from data_prep import phantom_anatomy as A
-from data_prep import phantom_protocols as P
-from data_prep import phantoms
+from data_prep.phantoms import anatomy, pacs, physics, protocols
 from radnet import labels
 
 N_PATIENTS = 5   # 3 special cases per patient: 5 patients exercise all 14
@@ -24,7 +21,7 @@ N_PATIENTS = 5   # 3 special cases per patient: 5 patients exercise all 14
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("phantoms"))
-    phantoms.generate(out, patients=N_PATIENTS, seed=0, lits_cases=2, workers=1)
+    pacs.generate(out, patients=N_PATIENTS, seed=0, lits_cases=2, workers=1)
     return out
 
 
@@ -119,7 +116,7 @@ def _by_first_file(series):
 def test_truth_columns_and_vocabulary(archive):
     rows = _truth(archive)
     with open(os.path.join(archive, "truth.csv")) as f:
-        assert f.readline().strip() == ",".join(phantoms.TRUTH_COLUMNS)
+        assert f.readline().strip() == ",".join(pacs.TRUTH_COLUMNS)
     assert len({r["series_id"] for r in rows}) == len(rows)
     for r in rows:
         assert r["sequence"] in labels.SEQUENCE + ("",)
@@ -216,7 +213,7 @@ def _header_sequence(ds):
 
 def test_truth_agrees_with_headers(archive, headers):
     by_first = _by_first_file(headers[0])
-    anat_regions = A.REGION_Z_MM
+    anat_regions = anatomy.REGION_Z_MM
     for r in _truth(archive):
         if r["reasons"] in ("unreadable",):
             continue
@@ -232,7 +229,7 @@ def test_truth_agrees_with_headers(archive, headers):
                 or any(k in desc for k in ("C+", "POST", "GAD")))
         assert (r["contrast"] == "contrast") == said, r["series_id"]
         assert ("missing_description" in r["reasons"]) == (desc.strip() == "")
-        named = P.named_regions(ds.get("StudyDescription"), desc, ds.get("ProtocolName"),
+        named = protocols.named_regions(ds.get("StudyDescription"), desc, ds.get("ProtocolName"),
                                 ds.get("BodyPartExamined"))
         cov = [c for c in r["coverage"].split(";") if c]
         assert set(cov) <= set(named), (r["series_id"], cov, named)
@@ -254,7 +251,7 @@ def test_truth_agrees_with_headers(archive, headers):
         extent = max(zs) - min(zs)
         for c in cov:
             lo, hi = anat_regions[c]
-            assert extent >= A.MIN_REGION_LENGTH_MM[c]
+            assert extent >= anatomy.MIN_REGION_LENGTH_MM[c]
         if r["status"] == "included" and r["coverage"]:
             assert set(cov) == set(named), "included full scans cover all the regions they name"
         # the view is the dominant axis of the normal; beyond 20° it is also non-standard
@@ -287,18 +284,18 @@ def test_reference_volume_matches_files(archive, headers):
         dss = sorted(dss, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ n))
         files = np.stack([_pixels(d).astype(np.float32) * float(d.get("RescaleSlope", 1))
                           + float(d.get("RescaleIntercept", 0)) for d in dss])
-        ref = phantoms.reference_volume(archive, r["series_id"])
+        ref = pacs.reference_volume(archive, r["series_id"])
         assert ref.dtype == np.float32 and ref.shape == files.shape
         np.testing.assert_allclose(ref, files, atol=1e-3)
     with pytest.raises(KeyError):
-        phantoms.reference_volume(archive, "p999_st1_se1")
+        pacs.reference_volume(archive, "p999_st1_se1")
 
 
 def test_same_seed_same_bytes_other_seed_differs(archive, tmp_path):
     a, b, c = (str(tmp_path / x) for x in "abc")
-    phantoms.generate(a, patients=2, seed=0, lits_cases=0, workers=2)
-    phantoms.generate(b, patients=2, seed=0, lits_cases=0, workers=1)
-    phantoms.generate(c, patients=2, seed=1, lits_cases=0, workers=1)
+    pacs.generate(a, patients=2, seed=0, lits_cases=0, workers=2)
+    pacs.generate(b, patients=2, seed=0, lits_cases=0, workers=1)
+    pacs.generate(c, patients=2, seed=1, lits_cases=0, workers=1)
     with open(os.path.join(a, "truth.csv"), "rb") as fa, open(os.path.join(b, "truth.csv"), "rb") as fb:
         truth_a = fa.read()
         assert truth_a == fb.read()
@@ -316,7 +313,7 @@ def test_same_seed_same_bytes_other_seed_differs(archive, tmp_path):
 
 def test_fake_identities_only(headers):
     series, _ = headers
-    fake = set(phantoms.FAKE_IDENTITIES)
+    fake = set(pacs.FAKE_IDENTITIES)
     for dss in series.values():
         for ds in dss:
             for kw in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName"):
@@ -341,18 +338,18 @@ def test_collections_csv(archive):
 
 
 def test_tissue_contrast_follows_physics():
-    t1 = PH.mr_table("SE", 500, 12, None, 90, False)
-    t2 = PH.mr_table("SE", 4000, 100, None, 90, False)
-    flair = PH.mr_table("IR", 9000, 120, 2500, 90, False)
-    t1_gad = PH.mr_table("SE", 500, 12, None, 90, True)
-    assert t1[A.FAT] > t1[A.WM] > t1[A.GM] > t1[A.CSF]           # T1: fat bright, fluid dark
-    assert t2[A.CSF] > t2[A.GM] > t2[A.WM]                        # T2: fluid bright
-    assert flair[A.CSF] < 0.3 * flair[A.WM]                       # FLAIR: fluid suppressed
-    assert t1_gad[A.BLOOD] > 3 * t1[A.BLOOD] and t1_gad[A.KIDNEY] > 1.2 * t1[A.KIDNEY]
-    assert t1_gad[A.WM] == t1[A.WM]                               # blood–brain barrier
-    ct, ct_c = PH.ct_table(False), PH.ct_table(True)
-    assert 100 <= ct_c[A.BLOOD] - ct[A.BLOOD] <= 200 and ct_c[A.KIDNEY] - ct[A.KIDNEY] >= 100
-    assert ct[A.AIR] == -1000 and ct[A.FAT] < 0 < ct[A.MUSCLE] < ct[A.BONE]
+    t1 = physics.mr_table("SE", 500, 12, None, 90, False)
+    t2 = physics.mr_table("SE", 4000, 100, None, 90, False)
+    flair = physics.mr_table("IR", 9000, 120, 2500, 90, False)
+    t1_gad = physics.mr_table("SE", 500, 12, None, 90, True)
+    assert t1[anatomy.FAT] > t1[anatomy.WM] > t1[anatomy.GM] > t1[anatomy.CSF]           # T1: fat bright, fluid dark
+    assert t2[anatomy.CSF] > t2[anatomy.GM] > t2[anatomy.WM]                        # T2: fluid bright
+    assert flair[anatomy.CSF] < 0.3 * flair[anatomy.WM]                       # FLAIR: fluid suppressed
+    assert t1_gad[anatomy.BLOOD] > 3 * t1[anatomy.BLOOD] and t1_gad[anatomy.KIDNEY] > 1.2 * t1[anatomy.KIDNEY]
+    assert t1_gad[anatomy.WM] == t1[anatomy.WM]                               # blood–brain barrier
+    ct, ct_c = physics.ct_table(False), physics.ct_table(True)
+    assert 100 <= ct_c[anatomy.BLOOD] - ct[anatomy.BLOOD] <= 200 and ct_c[anatomy.KIDNEY] - ct[anatomy.KIDNEY] >= 100
+    assert ct[anatomy.AIR] == -1000 and ct[anatomy.FAT] < 0 < ct[anatomy.MUSCLE] < ct[anatomy.BONE]
 
 
 def test_lits_cases(archive):
@@ -379,21 +376,21 @@ def test_lits_cases(archive):
 
 
 def test_named_regions_table():
-    assert P.named_regions("CT CHEST ABD PELVIS W CONTRAST") == (
+    assert protocols.named_regions("CT CHEST ABD PELVIS W CONTRAST") == (
         "lung", "liver", "kidney", "intestine", "pelvis")
-    assert P.named_regions("MRI BRAIN W/WO") == ("brain",)
-    assert P.named_regions("CT NECK SOFT TISSUE") == ("upper_head_neck", "lower_head_neck")
-    assert P.named_regions("CT SINUS WO CONTRAST") == ("upper_head_neck",)
-    assert P.named_regions("CT ABDOMEN W CONTRAST") == ("liver", "kidney")
-    assert P.named_regions("AX T2 FSE") == ()
+    assert protocols.named_regions("MRI BRAIN W/WO") == ("brain",)
+    assert protocols.named_regions("CT NECK SOFT TISSUE") == ("upper_head_neck", "lower_head_neck")
+    assert protocols.named_regions("CT SINUS WO CONTRAST") == ("upper_head_neck",)
+    assert protocols.named_regions("CT ABDOMEN W CONTRAST") == ("liver", "kidney")
+    assert protocols.named_regions("AX T2 FSE") == ()
 
 
 def test_generate_rejects_bad_patient_count(tmp_path):
     with pytest.raises(ValueError, match="patients"):
-        phantoms.generate(str(tmp_path), patients=0)
+        pacs.generate(str(tmp_path), patients=0)
     # 100 slices at 5 mm resized to 48: 5 × 100 / 48 mm; 30 slices are padded, not stretched.
-    assert P.effective_spacing(5.0, 100) == pytest.approx(5.0 * 100 / 48)
-    assert P.effective_spacing(5.0, 30) == pytest.approx(5.0)
+    assert protocols.effective_spacing(5.0, 100) == pytest.approx(5.0 * 100 / 48)
+    assert protocols.effective_spacing(5.0, 30) == pytest.approx(5.0)
 
 
 def test_enhanced_mr_objects(archive, headers):
@@ -430,7 +427,7 @@ def test_enhanced_mr_objects(archive, headers):
         frames = sorted(frames, key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient]) @ normal))
         phys = np.stack([_pixels(d).astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept)
                          for d in frames])
-        np.testing.assert_allclose(phantoms.reference_volume(archive, r["series_id"]), phys, atol=1e-3)
+        np.testing.assert_allclose(pacs.reference_volume(archive, r["series_id"]), phys, atol=1e-3)
     assert found >= 1
 
 
@@ -438,7 +435,8 @@ def test_index_reproduces_truth(archive, tmp_path):
     """The archive index (data_prep.index) labels every truth row as the truth does
     (the 50-patient run of docs/phantoms.md: the same, 1.0 on every column)."""
     from configs import index as index_config
-    from data_prep import index, phantom_check
+    from data_prep import index
+    from data_prep.phantoms import check as phantom_check
     salt = tmp_path / "salt"
     salt.write_text("phantom-truth-check-salt-0123456789\n")
     out = tmp_path / "index"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import liver as liver_config
-from data_prep import phantom_lits
+from data_prep.phantoms import lits as phantom_lits
 from data_prep.lits import build as lits_build
 from radnet.data import lits
 from radnet import models, proposal

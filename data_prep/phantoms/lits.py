@@ -19,9 +19,7 @@ import os
 
 import numpy as np
 
-from data_prep import phantom_anatomy as A
-from data_prep import phantom_physics as PH
-from data_prep import phantom_render as R
+from data_prep.phantoms import anatomy, physics, render
 
 SLICE_SPACINGS_MM = (0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0)
 IN_PLANE = 128
@@ -31,33 +29,33 @@ MIN_SLICES, MAX_SLICES = 60, 300
 def make_case(seed: int, k: int):
     """(hu int16 [x, y, z], seg uint8 [x, y, z], affine 4×4) of case k."""
     rng = np.random.default_rng([seed, 50_000 + k])
-    anatomy = A.make_anatomy(rng, bool(rng.uniform() < 0.5))
+    body = anatomy.make_anatomy(rng, bool(rng.uniform() < 0.5))
     order = np.random.default_rng([seed, 49_999]).permutation(len(SLICE_SPACINGS_MM))
     dz = SLICE_SPACINGS_MM[int(order[k % len(order)])]
-    lo, hi = anatomy.region_z["liver"]
+    lo, hi = body.region_z["liver"]
     liver_len = hi - lo
     margin = float(rng.uniform(15, 60))
     margin = min(margin, (MAX_SLICES - 1) * dz / 2 - liver_len / 2 - 1)
     n = int(math.ceil((liver_len + 2 * margin) / dz)) + 1
     n = min(max(n, MIN_SLICES), MAX_SLICES)
-    ox, oy, oz = anatomy.origin_lps
+    ox, oy, oz = body.origin_lps
     zc = (lo + hi) / 2 + oz
     fov = float(rng.uniform(360, 430))
     pix = fov / IN_PLANE
-    grid = A.build_labels(anatomy, zc - oz - n * dz / 2 - 10, zc - oz + n * dz / 2 + 10)
+    grid = anatomy.build_labels(body, zc - oz - n * dz / 2 - 10, zc - oz + n * dz / 2 + 10)
     center = np.array([ox + rng.uniform(-10, 10), oy + rng.uniform(-10, 10), zc])
     row_cos, col_cos, normal = np.eye(3)[0], np.eye(3)[1], np.eye(3)[2]
     corner0 = center - row_cos * pix * (IN_PLANE - 1) / 2 - col_cos * pix * (IN_PLANE - 1) / 2
     offsets = (np.arange(n) - (n - 1) / 2) * dz
-    args = (anatomy.origin_lps, corner0, row_cos, col_cos, normal, offsets, IN_PLANE, IN_PLANE, pix, pix)
-    hu = R.sample(grid, PH.ct_table(True, float(rng.uniform(0.9, 1.1))), *args, -1000.0)
+    args = (body.origin_lps, corner0, row_cos, col_cos, normal, offsets, IN_PLANE, IN_PLANE, pix, pix)
+    hu = render.sample(grid, physics.ct_table(True, float(rng.uniform(0.9, 1.1))), *args, -1000.0)
     hu += rng.normal(0, float(rng.uniform(6, 14)), hu.shape).astype(np.float32)
-    onehot = np.zeros(A.NUM_TISSUES, np.float32)
-    onehot[[A.LIVER, A.TUMOUR]] = 1
-    liver = R.sample(grid, onehot, *args, 0.0) >= 0.5
+    onehot = np.zeros(anatomy.NUM_TISSUES, np.float32)
+    onehot[[anatomy.LIVER, anatomy.TUMOUR]] = 1
+    liver = render.sample(grid, onehot, *args, 0.0) >= 0.5
     onehot[:] = 0
-    onehot[A.TUMOUR] = 1
-    tumour = R.sample(grid, onehot, *args, 0.0) >= 0.5
+    onehot[anatomy.TUMOUR] = 1
+    tumour = render.sample(grid, onehot, *args, 0.0) >= 0.5
     seg = np.where(tumour & liver, 2, np.where(liver, 1, 0)).astype(np.uint8)   # [z, row, col]
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     # [slice, row, col] → [x=col, y=row, z=slice]

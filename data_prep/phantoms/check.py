@@ -1,6 +1,6 @@
 """Compares an archive index (data_prep.index output) with the phantom PACS's truth.csv.
 
-    python -m data_prep.phantom_check --truth=DIR/truth.csv --index=OUT [--show=coverage,view]
+    python -m data_prep.phantoms.check --truth=DIR/truth.csv --index=OUT [--show=coverage,view]
 
 Prints one JSON line: per label column the number of truth rows the index agrees with,
 the slice spacing agreement (within 0.01 mm), and the pairing check: every truth row's

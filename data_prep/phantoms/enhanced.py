@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
-from data_prep import phantom_dicom as D
+from data_prep.phantoms import dicom_files
 
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 
@@ -80,7 +80,7 @@ def enhanced_mr(classic: pydicom.Dataset, spec, frames: Sequence[int], positions
     for kw in _CLASSIC_ONLY:
         if kw in ds:
             delattr(ds, kw)
-    D.set_file_meta(ds, ENHANCED_MR_IMAGE_STORAGE, sop_uid)
+    dicom_files.set_file_meta(ds, ENHANCED_MR_IMAGE_STORAGE, sop_uid)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     ds.InstanceNumber = 1
     ds.NumberOfFrames = len(frames)
@@ -137,8 +137,8 @@ def enhanced_mr(classic: pydicom.Dataset, spec, frames: Sequence[int], positions
         )])
     shared = Dataset()
     shared.PixelMeasuresSequence = DicomSequence([_item(
-        PixelSpacing=[D.ds_number(spec.pixel_mm)] * 2, SliceThickness=D.ds_number(spec.thickness_mm),
-        SpacingBetweenSlices=D.ds_number(spec.slice_spacing_mm))])
+        PixelSpacing=[dicom_files.ds_number(spec.pixel_mm)] * 2, SliceThickness=dicom_files.ds_number(spec.thickness_mm),
+        SpacingBetweenSlices=dicom_files.ds_number(spec.slice_spacing_mm))])
     shared.MRTimingAndRelatedParametersSequence = DicomSequence([_item(
         RepetitionTime=float(spec.tr_ms), FlipAngle=float(spec.flip_deg),
         EchoTrainLength=1 if spec.pulse == "GR" or spec.te_ms < 30 else 16,
@@ -169,13 +169,13 @@ def enhanced_mr(classic: pydicom.Dataset, spec, frames: Sequence[int], positions
             FrameAcquisitionNumber=1, StackID="1", InStackPositionNumber=rank[k],
             DimensionIndexValues=[1, rank[k]])])
         item.PlanePositionSequence = DicomSequence([_item(
-            ImagePositionPatient=[D.ds_number(v) for v in pos])])
+            ImagePositionPatient=[dicom_files.ds_number(v) for v in pos])])
         item.PlaneOrientationSequence = DicomSequence([_item(
-            ImageOrientationPatient=[D.ds_number(v) for v in ori])])
+            ImageOrientationPatient=[dicom_files.ds_number(v) for v in ori])])
         item.PixelValueTransformationSequence = DicomSequence([_item(
-            RescaleIntercept=D.ds_number(intercept), RescaleSlope=D.ds_number(slope),
+            RescaleIntercept=dicom_files.ds_number(intercept), RescaleSlope=dicom_files.ds_number(slope),
             RescaleType="US")])
         per_frame.append(item)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
-    ds.PixelData = D.pixel_bytes(np.ascontiguousarray(stored))
+    ds.PixelData = dicom_files.pixel_bytes(np.ascontiguousarray(stored))
     return ds

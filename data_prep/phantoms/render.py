@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from data_prep import phantom_anatomy as A
+from data_prep.phantoms import anatomy
 
 
 def _axis_weights(coords: np.ndarray, origin: float, spacing: float, n: int):
@@ -43,7 +43,7 @@ def voxel_points(origin0, row_cos, col_cos, normal, offsets, rows, cols, dr, dc)
     return np.asarray(origin0, np.float64), ks, rs, cs
 
 
-def sample(grid: A.LabelGrid, table: np.ndarray, body_origin_lps, corner0, row_cos, col_cos,
+def sample(grid: anatomy.LabelGrid, table: np.ndarray, body_origin_lps, corner0, row_cos, col_cos,
            normal, offsets, rows: int, cols: int, dr: float, dc: float,
            outside_value: float) -> np.ndarray:
     """Values of ``table[label]`` interpolated at every voxel: float32 [n, rows, cols].

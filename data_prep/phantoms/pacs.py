@@ -1,6 +1,7 @@
 """Phantom PACS: a synthetic hospital DICOM archive with ground truth, plus LiTS-format cases.
 
-    python -m data_prep.phantoms --out=DIR [--patients=N] [--seed=S] [--lits_cases=K]
+    python -m data_prep.phantoms --out=DIR [--patients=N] [--seed=S] [--lits_cases=K] \\
+        [--workers=N] [--[no]progress]
 
 Writes (see docs/phantoms.md and docs/interfaces.md):
 
@@ -26,17 +27,12 @@ import json
 import math
 import multiprocessing
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pydicom
-from absl import app, flags, logging
 
-from data_prep import phantom_anatomy as A
-from data_prep import phantom_dicom as D
-from data_prep import phantom_physics as PH
-from data_prep import phantom_protocols as P
-from data_prep import phantom_render as R
+from data_prep.phantoms import anatomy, dicom_files, physics, protocols, render
 from radnet import labels
 
 GENERATOR_VERSION = 2
@@ -104,7 +100,7 @@ class PatientPlan:
     index: int
     pid: str
     collection: str
-    anatomy: A.Anatomy
+    anatomy: anatomy.Anatomy
     identity: dict
     studies: list
     junk: list        # (kind, series_id, folder, source series_id)
@@ -118,17 +114,17 @@ def _choice(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
-def _geometry(rng, spec: P.SeriesSpec, anatomy: A.Anatomy, regions, fov_range, spacing,
+def _geometry(rng, spec: protocols.SeriesSpec, body: anatomy.Anatomy, regions, fov_range, spacing,
               view: str, matrix: int, truncated: bool = False, tilt_deg: float = 0.0,
               oblique: bool = False, max_slices: int = 90) -> None:
     """Fills the geometry of ``spec`` so that it covers ``regions`` (with margins)."""
-    ox, oy, oz = anatomy.origin_lps
-    rz = anatomy.region_z
+    ox, oy, oz = body.origin_lps
+    rz = body.region_z
     lo = min(rz[r][0] for r in regions)
     hi = max(rz[r][1] for r in regions)
     if truncated:
         # Clearly short: 30–50 % of the region's minimum length, inside the region.
-        length = float(rng.uniform(0.3, 0.5)) * A.MIN_REGION_LENGTH_MM[regions[0]]
+        length = float(rng.uniform(0.3, 0.5)) * anatomy.MIN_REGION_LENGTH_MM[regions[0]]
         start = float(rng.uniform(lo + 5, hi - 5 - length))
         lo, hi = start, start + length
     else:
@@ -136,12 +132,12 @@ def _geometry(rng, spec: P.SeriesSpec, anatomy: A.Anatomy, regions, fov_range, s
         hi += float(rng.uniform(8, 35))
     zc = (lo + hi) / 2 + oz
     span = hi - lo
-    half_w = anatomy.body_half_width(zc - oz)
-    half_d = anatomy.body_half_depth(zc - oz)
+    half_w = body.body_half_width(zc - oz)
+    half_d = body.body_half_depth(zc - oz)
     fov = float(rng.uniform(*fov_range))
     yc = oy + (5.0 if "brain" in regions else 0.0) + float(rng.uniform(-8, 8))
     xc = ox + float(rng.uniform(-8, 8))
-    row_cos, col_cos = P.VIEW_COSINES[view]
+    row_cos, col_cos = protocols.VIEW_COSINES[view]
     if view == "axial":
         n = int(math.ceil(span / spacing)) + 1
         fov = max(fov, 2 * max(half_w, half_d) + 20.0)   # the whole body fits the field of view
@@ -201,17 +197,17 @@ def _mr_params(rng, seq: str) -> dict:
     raise ValueError(seq)
 
 
-def _new_spec(plan_rng, pid, study: Study, number: int, **kw) -> P.SeriesSpec:
-    spec = P.SeriesSpec(series_id=f"{pid}_st{study.index}_se{number}", study=study.index,
+def _new_spec(plan_rng, pid, study: Study, number: int, **kw) -> protocols.SeriesSpec:
+    spec = protocols.SeriesSpec(series_id=f"{pid}_st{study.index}_se{number}", study=study.index,
                         number=number, study_description=study.description, **kw)
     spec.folder = f"{study.folder}/{_hex(plan_rng, 8)}"
     spec.noise_seed = int(plan_rng.integers(1 << 31))
     return spec
 
 
-def _image_series(rng, pid, study: Study, number: int, anatomy: A.Anatomy, proto: dict,
+def _image_series(rng, pid, study: Study, number: int, body: anatomy.Anatomy, proto: dict,
                   desc: str, view: str, seq: str, post: bool, spacing_choices,
-                  truncated=False, tilt_deg=0.0, oblique=False, matrix=None) -> P.SeriesSpec:
+                  truncated=False, tilt_deg=0.0, oblique=False, matrix=None) -> protocols.SeriesSpec:
     modality = study.modality
     regions = proto["regions"]
     body_part = proto["body_part"]
@@ -240,9 +236,9 @@ def _image_series(rng, pid, study: Study, number: int, anatomy: A.Anatomy, proto
             spec.series_description = desc + " C+"
     spec.enhancement = float(rng.uniform(0.85, 1.15))
     spec.view = view
-    spec.regions_named = P.named_regions(study.description, spec.series_description, body_part)
+    spec.regions_named = protocols.named_regions(study.description, spec.series_description, body_part)
     spacing = float(_choice(rng, spacing_choices))
-    _geometry(rng, spec, anatomy, regions, proto["fov"], spacing, view, matrix,
+    _geometry(rng, spec, body, regions, proto["fov"], spacing, view, matrix,
               truncated=truncated, tilt_deg=tilt_deg, oblique=oblique)
     spec.thickness_mm = spacing if modality == "CT" else round(spacing - float(_choice(rng, (0.0, 0.5, 1.0))), 2)
     spec.instance_ascending = bool(rng.uniform() < (0.3 if (modality == "CT" and view == "axial") else 0.6))
@@ -254,15 +250,15 @@ def _image_series(rng, pid, study: Study, number: int, anatomy: A.Anatomy, proto
 def plan_patient(seed: int, index: int) -> PatientPlan:
     """Plans one patient (no pixels): studies, series, geometry, identity."""
     rng = np.random.default_rng([seed, index])
-    names = list(P.COLLECTIONS)
-    w = np.array([P.COLLECTION_WEIGHTS[n] for n in names])
+    names = list(protocols.COLLECTIONS)
+    w = np.array([protocols.COLLECTION_WEIGHTS[n] for n in names])
     collection = names[int(rng.choice(len(names), p=w / w.sum()))]
-    first_group, staging = P.COLLECTIONS[collection]
+    first_group, staging = protocols.COLLECTIONS[collection]
     female = bool(rng.uniform() < 0.5) or collection == "PHANTOM-BREAST"
     protos = [_choice(rng, first_group)]
     if rng.uniform() < 0.45:
         protos.append(_choice(rng, staging))
-    anatomy = A.make_anatomy(rng, female)
+    body = anatomy.make_anatomy(rng, female)
     pid = f"p{index:03d}"
     id_perm = np.random.default_rng([seed, 7]).permutation(len(FAKE_PATIENT_IDS))
     identity = dict(
@@ -278,8 +274,8 @@ def plan_patient(seed: int, index: int) -> PatientPlan:
     for si, proto_name in enumerate(protos):
         if proto_name == "mr_breast" and not female:
             proto_name = "ct_chest"
-        is_ct = proto_name in P.CT_PROTOCOLS
-        proto = (P.CT_PROTOCOLS if is_ct else P.MR_PROTOCOLS)[proto_name]
+        is_ct = proto_name in protocols.CT_PROTOCOLS
+        proto = (protocols.CT_PROTOCOLS if is_ct else protocols.MR_PROTOCOLS)[proto_name]
         desc, contrast_study = _choice(rng, proto["studies"])
         vendor = _choice(rng, CT_VENDORS if is_ct else MR_VENDORS)
         study = Study(index=si + 1, modality="CT" if is_ct else "MR", protocol=proto_name,
@@ -289,7 +285,7 @@ def plan_patient(seed: int, index: int) -> PatientPlan:
                       folder=f"{patient_folder}/{_hex(rng, 8)}")
         number = 1
         if rng.uniform() < 0.8:      # localizer first, as scanners do
-            number = _add_localizer(rng, pid, study, anatomy, proto)
+            number = _add_localizer(rng, pid, study, body, proto)
         last_phase_post = False
         for tpl in proto["series"]:
             if is_ct:
@@ -305,11 +301,11 @@ def plan_patient(seed: int, index: int) -> PatientPlan:
                 continue
             post = (phase == "post") or (phase == "last" and last_phase_post)
             if seq == "DCE":
-                spec = _image_series(rng, pid, study, number, anatomy, proto, sdesc, view, "DCE",
+                spec = _image_series(rng, pid, study, number, body, proto, sdesc, view, "DCE",
                                      True, spacings)
                 _make_time_series(rng, spec, phases=int(rng.integers(3, 6)))
             else:
-                spec = _image_series(rng, pid, study, number, anatomy, proto, sdesc, view, seq,
+                spec = _image_series(rng, pid, study, number, body, proto, sdesc, view, seq,
                                      post, spacings)
             if phase in ("pre", "post"):
                 last_phase_post = post
@@ -324,7 +320,7 @@ def plan_patient(seed: int, index: int) -> PatientPlan:
         studies.append(study)
     junk = []
     for special in specials:
-        _apply_special(rng, special, pid, studies, anatomy, junk)
+        _apply_special(rng, special, pid, studies, body, junk)
     # Every third patient's scanner exports its first MR series as an Enhanced MR object
     # (besides the random few above), so that small archives hold one too.
     if index % 3 == 2:
@@ -337,11 +333,11 @@ def plan_patient(seed: int, index: int) -> PatientPlan:
         imgs = [s for s in study.series if s.kind == "image"]
         if len(imgs) >= 3 and rng.uniform() < 0.2:
             imgs[2].folder = imgs[1].folder
-    return PatientPlan(index=index, pid=pid, collection=collection, anatomy=anatomy,
+    return PatientPlan(index=index, pid=pid, collection=collection, anatomy=body,
                        identity=identity, studies=studies, junk=junk)
 
 
-def _add_localizer(rng, pid, study: Study, anatomy: A.Anatomy, proto) -> int:
+def _add_localizer(rng, pid, study: Study, body: anatomy.Anatomy, proto) -> int:
     if study.modality == "CT":
         spec = _new_spec(rng, pid, study, 1, kind="image", modality="CT",
                          series_description="SCOUT", body_part=proto["body_part"], sequence="CT")
@@ -349,7 +345,7 @@ def _add_localizer(rng, pid, study: Study, anatomy: A.Anatomy, proto) -> int:
         spec.style = study.vendor[2]
         spec.localizer = True
         spec.noise = 5.0
-        _geometry(rng, spec, anatomy, proto["regions"], (300, 420), 1.0, "coronal", 256)
+        _geometry(rng, spec, body, proto["regions"], (300, 420), 1.0, "coronal", 256)
         spec.offsets = (0.0,)
         spec.view = "coronal"
         spec.slice_spacing_mm = 0.0
@@ -362,17 +358,17 @@ def _add_localizer(rng, pid, study: Study, anatomy: A.Anatomy, proto) -> int:
         spec.scale = float(rng.uniform(800, 3000))
         spec.noise = 0.02
         spec.localizer = True
-        _geometry(rng, spec, anatomy, proto["regions"], (280, 400), 10.0, "axial", 128)
+        _geometry(rng, spec, body, proto["regions"], (280, 400), 10.0, "axial", 128)
         spec.pixel_mm = round(max(spec.pixel_mm, 2.5), 4)
         spec.offsets = (0.0, 0.0, 0.0)
-        spec.per_file_cosines = tuple(P.VIEW_COSINES[v] for v in ("axial", "coronal", "sagittal"))
+        spec.per_file_cosines = tuple(protocols.VIEW_COSINES[v] for v in ("axial", "coronal", "sagittal"))
         spec.thickness_mm = 8.0
-    spec.regions_named = P.named_regions(study.description, spec.series_description, spec.body_part)
+    spec.regions_named = protocols.named_regions(study.description, spec.series_description, spec.body_part)
     study.series.append(spec)
     return 2
 
 
-def _make_time_series(rng, spec: P.SeriesSpec, phases: int) -> None:
+def _make_time_series(rng, spec: protocols.SeriesSpec, phases: int) -> None:
     """Several acquisitions at the same positions (dynamic / perfusion).
 
     A perfusion/dynamic slab of 16–20 slices centred on the protocol's regions, at most
@@ -380,7 +376,7 @@ def _make_time_series(rng, spec: P.SeriesSpec, phases: int) -> None:
     (its length is far from any region's minimum, whichever way coverage is measured).
     """
     n = int(rng.integers(16, 21))
-    mins = [A.MIN_REGION_LENGTH_MM[r] for r in spec.regions_named]
+    mins = [anatomy.MIN_REGION_LENGTH_MM[r] for r in spec.regions_named]
     spacing = spec.slice_spacing_mm
     if mins:
         spacing = min(spacing, math.floor(10 * 0.6 * min(mins) / n) / 10)
@@ -394,19 +390,19 @@ def _make_time_series(rng, spec: P.SeriesSpec, phases: int) -> None:
     spec.pixel_mm = round(spec.pixel_mm * 1.0, 4)
 
 
-def _apply_special(rng, special: str, pid: str, studies: list, anatomy: A.Anatomy, junk: list) -> None:
+def _apply_special(rng, special: str, pid: str, studies: list, body: anatomy.Anatomy, junk: list) -> None:
     study = studies[0]
     if special == "truncated_coverage":
         # only single-region protocols are ever truncated
-        single = [s for s in studies if len((P.CT_PROTOCOLS.get(s.protocol)
-                                             or P.MR_PROTOCOLS[s.protocol])["regions"]) == 1]
+        single = [s for s in studies if len((protocols.CT_PROTOCOLS.get(s.protocol)
+                                             or protocols.MR_PROTOCOLS[s.protocol])["regions"]) == 1]
         if not single:
             return
         study = single[0]
-    proto = (P.CT_PROTOCOLS.get(study.protocol) or P.MR_PROTOCOLS[study.protocol])
+    proto = (protocols.CT_PROTOCOLS.get(study.protocol) or protocols.MR_PROTOCOLS[study.protocol])
     candidates = [s for s in study.series if s.kind == "image" and not s.localizer
                   and s.phases == 1 and not s.defect and len(s.offsets) >= 20
-                  and P.view_of(s.row_cos, s.col_cos)]
+                  and protocols.view_of(s.row_cos, s.col_cos)]
     number = max(s.number for s in study.series) + 1 if study.series else 1
     if special in ("missing_slice", "duplicate_position", "mixed_spacing", "missing_description"):
         if not candidates:
@@ -465,7 +461,7 @@ def _apply_special(rng, special: str, pid: str, studies: list, anatomy: A.Anatom
         if special == "time_series" and study.modality == "MR":
             seq = "DCE"
             post = True
-        spec = _image_series(rng, pid, study, number, anatomy, p, desc, view, seq, post, spacings, **kw)
+        spec = _image_series(rng, pid, study, number, body, p, desc, view, seq, post, spacings, **kw)
         if special == "too_few_slices":
             keep = int(rng.integers(6, 13))
             spec.offsets = spec.offsets[:keep]
@@ -494,33 +490,33 @@ def _apply_special(rng, special: str, pid: str, studies: list, anatomy: A.Anatom
 
 
 # ----------------------------------------------------------------------- rendering
-def _grid_for(plan: PatientPlan) -> A.LabelGrid:
+def _grid_for(plan: PatientPlan) -> anatomy.LabelGrid:
     zs = []
     for st in plan.studies:
         for s in st.series:
             if s.kind == "image":
-                zs.extend(P.z_extent(s))
+                zs.extend(protocols.z_extent(s))
     oz = plan.anatomy.origin_lps[2]
     if not zs:
         zs = [oz - 200, oz]
-    return A.build_labels(plan.anatomy, min(zs) - oz - 10, max(zs) - oz + 10)
+    return anatomy.build_labels(plan.anatomy, min(zs) - oz - 10, max(zs) - oz + 10)
 
 
-def _table(spec: P.SeriesSpec, phase: int = 0) -> tuple[np.ndarray, float]:
+def _table(spec: protocols.SeriesSpec, phase: int = 0) -> tuple[np.ndarray, float]:
     """Value per tissue and the value outside the body for one series (and phase)."""
     if spec.modality == "CT":
         enh = spec.enhancement
         if spec.phases > 1:      # perfusion: the bolus arrives over the phases
             enh *= phase / (spec.phases - 1)
-        return PH.ct_table(spec.contrast and (spec.phases == 1 or phase > 0), enh), -1000.0
+        return physics.ct_table(spec.contrast and (spec.phases == 1 or phase > 0), enh), -1000.0
     # dynamic series: the first phase is acquired before the injection
     contrast = spec.contrast and (spec.phases == 1 or phase > 0)
-    t = PH.mr_table(spec.pulse, spec.tr_ms, spec.te_ms, spec.ti_ms, spec.flip_deg, contrast,
+    t = physics.mr_table(spec.pulse, spec.tr_ms, spec.te_ms, spec.ti_ms, spec.flip_deg, contrast,
                     spec.b_value)
     return t, 0.0
 
 
-def _bias(spec: P.SeriesSpec, corner0, row_cos, col_cos, normal, offsets, rows, cols):
+def _bias(spec: protocols.SeriesSpec, corner0, row_cos, col_cos, normal, offsets, rows, cols):
     """Separable receive field: exp(linear + quadratic) over the volume [n, rows, cols]."""
     coeff = np.asarray(spec.bias, float)
     e0 = (np.asarray(corner0, float) - np.asarray(spec.center_lps, float)) / 250.0
@@ -536,7 +532,7 @@ def _bias(spec: P.SeriesSpec, corner0, row_cos, col_cos, normal, offsets, rows, 
     return np.exp(np.clip(lin + quad, -0.4, 0.4)).astype(np.float32)
 
 
-def _quant_params(spec: P.SeriesSpec) -> dict:
+def _quant_params(spec: protocols.SeriesSpec) -> dict:
     """Stored dtype and rescale of a series (vendor style)."""
     if spec.modality == "CT":
         if spec.style == "siemens":
@@ -550,7 +546,7 @@ def _quant_params(spec: P.SeriesSpec) -> dict:
     return dict(dtype=np.uint16, slope=1.0, intercept=0.0, bits=16, signed=False)
 
 
-def render_stored(spec: P.SeriesSpec, grid: A.LabelGrid, anatomy: A.Anatomy) -> np.ndarray:
+def render_stored(spec: protocols.SeriesSpec, grid: anatomy.LabelGrid, body: anatomy.Anatomy) -> np.ndarray:
     """Stored pixel values of every file in instance order: [n_files, rows, cols]."""
     q = _quant_params(spec)
     rng = np.random.default_rng(spec.noise_seed)
@@ -573,9 +569,9 @@ def render_stored(spec: P.SeriesSpec, grid: A.LabelGrid, anatomy: A.Anatomy) -> 
         offs = [spec.offsets[i] for i in idx]
         table, outside = _table(spec, phase)
         if spec.localizer and spec.modality == "CT":
-            vol = _scout(spec, grid, anatomy, corner0, rc_a, cc_a, normal)
+            vol = _scout(spec, grid, body, corner0, rc_a, cc_a, normal)
         else:
-            vol = R.sample(grid, table, anatomy.origin_lps, corner0, rc_a, cc_a, normal, offs,
+            vol = render.sample(grid, table, body.origin_lps, corner0, rc_a, cc_a, normal, offs,
                            spec.rows, spec.cols, spec.pixel_mm, spec.pixel_mm, outside)
         if spec.modality == "CT":
             vol = vol + rng.normal(0.0, spec.noise, vol.shape).astype(np.float32)
@@ -590,7 +586,7 @@ def render_stored(spec: P.SeriesSpec, grid: A.LabelGrid, anatomy: A.Anatomy) -> 
         lo, hi = ((-(1 << (q["bits"] - 1)), (1 << (q["bits"] - 1)) - 1) if q["signed"]
                   else (0, (1 << q["bits"]) - 1))
         stored = np.clip(stored, lo, hi)
-        if spec.modality == "CT" and "padding" in q and not spec.localizer and P.view_of(rc, cc) == "axial":
+        if spec.modality == "CT" and "padding" in q and not spec.localizer and protocols.view_of(rc, cc) == "axial":
             # Outside the reconstruction circle GE writes the padding value.
             yy, xx = np.mgrid[0:spec.rows, 0:spec.cols]
             rad = (min(spec.rows, spec.cols) - 1) / 2
@@ -600,26 +596,26 @@ def render_stored(spec: P.SeriesSpec, grid: A.LabelGrid, anatomy: A.Anatomy) -> 
     return out
 
 
-def _scout(spec, grid, anatomy, corner0, rc, cc, normal) -> np.ndarray:
+def _scout(spec, grid, body, corner0, rc, cc, normal) -> np.ndarray:
     """CT scout: mean attenuation through the body along the normal, shown in HU-like units."""
-    mu = (PH.ct_table(False) + 1000.0) / 1000.0
+    mu = (physics.ct_table(False) + 1000.0) / 1000.0
     depth = np.linspace(-150, 150, 24)
-    vol = R.sample(grid, mu, anatomy.origin_lps, corner0, rc, cc, normal, depth,
+    vol = render.sample(grid, mu, body.origin_lps, corner0, rc, cc, normal, depth,
                    spec.rows, spec.cols, spec.pixel_mm, spec.pixel_mm, 0.0)
     return (vol.mean(axis=0, keepdims=True) * 3000.0 - 1000.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------- writing
-def _image_dataset(plan: PatientPlan, study: Study, spec: P.SeriesSpec, seed: int) -> pydicom.Dataset:
-    ds = D.template("CT_small.dcm" if spec.modality == "CT" else "MR_small.dcm")
+def _image_dataset(plan: PatientPlan, study: Study, spec: protocols.SeriesSpec, seed: int) -> pydicom.Dataset:
+    ds = dicom_files.template("CT_small.dcm" if spec.modality == "CT" else "MR_small.dcm")
     ds.SpecificCharacterSet = "ISO_IR 100"
     for k, v in plan.identity.items():
         setattr(ds, k, v)
     ds.InstitutionName = study.institution
     ds.Manufacturer, ds.ManufacturerModelName = study.vendor[0], study.vendor[1]
-    ds.StudyInstanceUID = D.uid(seed, plan.pid, study.index, "study")
-    ds.SeriesInstanceUID = D.uid(seed, spec.series_id, "series")
-    ds.FrameOfReferenceUID = D.uid(seed, plan.pid, study.index, "for")
+    ds.StudyInstanceUID = dicom_files.uid(seed, plan.pid, study.index, "study")
+    ds.SeriesInstanceUID = dicom_files.uid(seed, spec.series_id, "series")
+    ds.FrameOfReferenceUID = dicom_files.uid(seed, plan.pid, study.index, "for")
     ds.StudyID = str(1000 + study.index)
     ds.AccessionNumber = f"A{int(ds.StudyInstanceUID.split('.')[-1]) % 10**8:08d}"
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study.date
@@ -651,8 +647,8 @@ def _image_dataset(plan: PatientPlan, study: Study, spec: P.SeriesSpec, seed: in
     ds.ImageType = (["ORIGINAL", "PRIMARY", "LOCALIZER"] if spec.localizer else
                     ["DERIVED", "SECONDARY", "REFORMATTED"] if spec.modality == "CT" and spec.view in ("coronal", "sagittal") and not spec.localizer
                     else ["ORIGINAL", "PRIMARY", "AXIAL"] if spec.modality == "CT" else ["ORIGINAL", "PRIMARY", "M", "ND"])
-    ds.PixelSpacing = [D.ds_number(spec.pixel_mm)] * 2
-    ds.SliceThickness = D.ds_number(spec.thickness_mm)
+    ds.PixelSpacing = [dicom_files.ds_number(spec.pixel_mm)] * 2
+    ds.SliceThickness = dicom_files.ds_number(spec.thickness_mm)
     ds.Rows, ds.Columns = spec.rows, spec.cols
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -662,8 +658,8 @@ def _image_dataset(plan: PatientPlan, study: Study, spec: P.SeriesSpec, seed: in
     ds.HighBit = q["bits"] - 1
     ds.PixelRepresentation = 1 if q["signed"] else 0
     if spec.modality == "CT" or spec.style == "philips":
-        ds.RescaleIntercept = D.ds_number(q["intercept"])
-        ds.RescaleSlope = D.ds_number(q["slope"])
+        ds.RescaleIntercept = dicom_files.ds_number(q["intercept"])
+        ds.RescaleSlope = dicom_files.ds_number(q["slope"])
         if spec.modality == "CT":
             ds.RescaleType = "HU"
     if "padding" in q:
@@ -683,26 +679,26 @@ def _image_dataset(plan: PatientPlan, study: Study, spec: P.SeriesSpec, seed: in
         ds.SequenceVariant = "SK" if spec.pulse != "GR" else ["SK", "SP"]
         ds.ScanOptions = "" if spec.pulse != "EPI" else "FS"
         ds.MRAcquisitionType = "2D" if spec.phases == 1 else "3D"
-        ds.RepetitionTime = D.ds_number(spec.tr_ms)
-        ds.EchoTime = D.ds_number(spec.te_ms)
+        ds.RepetitionTime = dicom_files.ds_number(spec.tr_ms)
+        ds.EchoTime = dicom_files.ds_number(spec.te_ms)
         if spec.pulse == "IR":
-            ds.InversionTime = D.ds_number(spec.ti_ms)
-        ds.FlipAngle = D.ds_number(spec.flip_deg)
+            ds.InversionTime = dicom_files.ds_number(spec.ti_ms)
+        ds.FlipAngle = dicom_files.ds_number(spec.flip_deg)
         ds.MagneticFieldStrength = "1.5"
         ds.EchoTrainLength = "1" if spec.pulse in ("SE", "GR") and spec.te_ms < 30 else "16"
         if spec.pulse == "EPI":
             ds.DiffusionBValue = spec.b_value
         if spec.slice_spacing_mm:
-            ds.SpacingBetweenSlices = D.ds_number(spec.slice_spacing_mm)
+            ds.SpacingBetweenSlices = dicom_files.ds_number(spec.slice_spacing_mm)
         ds.WindowCenter, ds.WindowWidth = (str(int(spec.scale * 0.3)), str(int(spec.scale * 0.6)))
     if spec.phases > 1:
         ds.NumberOfTemporalPositions = spec.phases
-    ds.ImageOrientationPatient = [D.ds_number(v) for v in spec.row_cos + spec.col_cos]
+    ds.ImageOrientationPatient = [dicom_files.ds_number(v) for v in spec.row_cos + spec.col_cos]
     return ds
 
 
-def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: P.SeriesSpec,
-                        grid: A.LabelGrid, seed: int, rng) -> list[str]:
+def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: protocols.SeriesSpec,
+                        grid: anatomy.LabelGrid, seed: int, rng) -> list[str]:
     """Writes one file per slice; returns their paths indexed like ``spec.offsets``."""
     stored = render_stored(spec, grid, plan.anatomy)
     ds = _image_dataset(plan, study, spec, seed)
@@ -727,19 +723,19 @@ def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: P.Seri
         normal = np.cross(rc, cc)
         pos = (c - rc * spec.pixel_mm * (spec.cols - 1) / 2 - cc * spec.pixel_mm * (spec.rows - 1) / 2
                + normal * spec.offsets[i])
-        sop = D.uid(seed, spec.series_id, i, "sop")
-        D.set_file_meta(ds, sop_class, sop)
+        sop = dicom_files.uid(seed, spec.series_id, i, "sop")
+        dicom_files.set_file_meta(ds, sop_class, sop)
         ds.InstanceNumber = inst
-        ds.ImagePositionPatient = [D.ds_number(v) for v in pos]
+        ds.ImagePositionPatient = [dicom_files.ds_number(v) for v in pos]
         if spec.per_file_cosines:
-            ds.ImageOrientationPatient = [D.ds_number(v) for v in tuple(rc) + tuple(cc)]
-        ds.SliceLocation = D.ds_number(float(pos @ normal))
+            ds.ImageOrientationPatient = [dicom_files.ds_number(v) for v in tuple(rc) + tuple(cc)]
+        ds.SliceLocation = dicom_files.ds_number(float(pos @ normal))
         phase = i // n_pos if spec.phases > 1 else 0
         ds.AcquisitionNumber = phase + 1
         if spec.phases > 1:
             ds.TemporalPositionIdentifier = phase + 1
             ds.AcquisitionTime = f"08{30 + spec.number:02d}{(phase * 15) % 60:02d}"
-        ds.PixelData = D.pixel_bytes(stored[i])
+        ds.PixelData = dicom_files.pixel_bytes(stored[i])
         name = _hex(rng, int(rng.integers(12, 21))).upper()
         path = os.path.join(folder, name)
         ds.save_as(path, enforce_file_format=True)
@@ -747,7 +743,7 @@ def _write_image_series(root: str, plan: PatientPlan, study: Study, spec: P.Seri
     return paths
 
 
-def _file_position(spec: P.SeriesSpec, rc, cc, offset: float) -> np.ndarray:
+def _file_position(spec: protocols.SeriesSpec, rc, cc, offset: float) -> np.ndarray:
     """ImagePositionPatient (centre of the first pixel) of a slice at ``offset`` on the normal."""
     rc, cc = np.asarray(rc, float), np.asarray(cc, float)
     c = np.asarray(spec.center_lps, float)
@@ -755,29 +751,29 @@ def _file_position(spec: P.SeriesSpec, rc, cc, offset: float) -> np.ndarray:
             + np.cross(rc, cc) * offset)
 
 
-def _write_enhanced(folder: str, spec: P.SeriesSpec, ds, stored, order, cos_list, seed, rng) -> list[str]:
+def _write_enhanced(folder: str, spec: protocols.SeriesSpec, ds, stored, order, cos_list, seed, rng) -> list[str]:
     """The whole series as one Enhanced MR Image object; every file index maps to its path."""
-    from data_prep import phantom_enhanced as E  # noqa: PLC0415
+    from data_prep.phantoms import enhanced  # noqa: PLC0415
     positions = [_file_position(spec, *cos_list[i], spec.offsets[i]) for i in order]
     orientations = [tuple(cos_list[i][0]) + tuple(cos_list[i][1]) for i in order]
     q = _quant_params(spec)
-    ds = E.enhanced_mr(ds, spec, order, positions, orientations, stored[order], q["slope"],
-                       q["intercept"], spec.agent, D.uid(seed, spec.series_id, "enhanced", "sop"),
-                       D.uid(seed, spec.series_id, "dimension"))
+    ds = enhanced.enhanced_mr(ds, spec, order, positions, orientations, stored[order], q["slope"],
+                       q["intercept"], spec.agent, dicom_files.uid(seed, spec.series_id, "enhanced", "sop"),
+                       dicom_files.uid(seed, spec.series_id, "dimension"))
     path = os.path.join(folder, _hex(rng, int(rng.integers(12, 21))).upper())
     ds.save_as(path, enforce_file_format=True)
     return [path] * len(spec.offsets)
 
 
-def _write_object(root: str, plan: PatientPlan, study: Study, spec: P.SeriesSpec, seed, rng) -> list[str]:
+def _write_object(root: str, plan: PatientPlan, study: Study, spec: protocols.SeriesSpec, seed, rng) -> list[str]:
     name = "reportsi.dcm" if spec.kind == "sr" else "rtstruct.dcm"
-    ds = D.template(name)
+    ds = dicom_files.template(name)
     for k, v in plan.identity.items():
         setattr(ds, k, v)
     ds.InstitutionName = study.institution
     ds.Modality = spec.modality
-    ds.StudyInstanceUID = D.uid(seed, plan.pid, study.index, "study")
-    ds.SeriesInstanceUID = D.uid(seed, spec.series_id, "series")
+    ds.StudyInstanceUID = dicom_files.uid(seed, plan.pid, study.index, "study")
+    ds.SeriesInstanceUID = dicom_files.uid(seed, spec.series_id, "series")
     ds.StudyDescription = study.description
     ds.SeriesDescription = spec.series_description
     ds.SeriesNumber = spec.number
@@ -785,8 +781,8 @@ def _write_object(root: str, plan: PatientPlan, study: Study, spec: P.SeriesSpec
     ds.StudyDate = ds.ContentDate = study.date
     if "ReferencedFrameOfReferenceSequence" in ds:
         for item in ds.ReferencedFrameOfReferenceSequence:
-            item.FrameOfReferenceUID = D.uid(seed, plan.pid, study.index, "for")
-    D.set_file_meta(ds, ds.SOPClassUID, D.uid(seed, spec.series_id, 0, "sop"))
+            item.FrameOfReferenceUID = dicom_files.uid(seed, plan.pid, study.index, "for")
+    dicom_files.set_file_meta(ds, ds.SOPClassUID, dicom_files.uid(seed, spec.series_id, 0, "sop"))
     folder = os.path.join(root, spec.folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, _hex(rng, 16).upper())
@@ -809,9 +805,9 @@ def generate_patient(out_dir: str, seed: int, index: int) -> list[dict]:
             else:
                 paths = _write_object(root, plan, study, spec, seed, rng)
             written[spec.series_id] = paths
-            for _, part, idx in (P.split_parts(spec) if spec.kind == "image"
+            for _, part, idx in (protocols.split_parts(spec) if spec.kind == "image"
                                  else [("", spec, range(len(paths)))]):
-                row = P.truth_row(part, plan.anatomy)
+                row = protocols.truth_row(part, plan.anatomy)
                 first = min(paths[i] for i in idx)
                 row["first_file"] = os.path.relpath(first, root).replace(os.sep, "/")
                 rows.append(row)
@@ -834,8 +830,8 @@ def generate_patient(out_dir: str, seed: int, index: int) -> list[dict]:
 
 
 def _collection_rows() -> list[dict]:
-    return [dict(collection=c, body_locations=";".join(P.collection_regions(c)))
-            for c in sorted(P.COLLECTIONS)]
+    return [dict(collection=c, body_locations=";".join(protocols.collection_regions(c)))
+            for c in sorted(protocols.COLLECTIONS)]
 
 
 def generate(out_dir: str, patients: int = 50, seed: int = 0, lits_cases: int = 4,
@@ -870,8 +866,8 @@ def generate(out_dir: str, patients: int = 50, seed: int = 0, lits_cases: int = 
         json.dump(dict(seed=seed, patients=patients, lits_cases=lits_cases,
                        generator_version=GENERATOR_VERSION), f, indent=1, sort_keys=True)
     if lits_cases:
-        from data_prep import phantom_lits  # noqa: PLC0415
-        phantom_lits.write_cases(os.path.join(out_dir, "lits"), lits_cases, seed)
+        from data_prep.phantoms import lits  # noqa: PLC0415
+        lits.write_cases(os.path.join(out_dir, "lits"), lits_cases, seed)
     n_inc = sum(r["status"] == "included" for r in rows)
     return dict(series=len(rows), included=n_inc, excluded=len(rows) - n_inc)
 
@@ -915,7 +911,7 @@ def reference_volume(out_dir: str, series_id: str) -> np.ndarray:
     if suffix in labels.VIEW:
         # One orientation of a multi-orientation series (a truth row of its own).
         study, spec = _find_spec(plan, base_id)
-        parts = {sfx: idx for sfx, _, idx in P.split_parts(spec)} if spec.kind == "image" else {}
+        parts = {sfx: idx for sfx, _, idx in protocols.split_parts(spec)} if spec.kind == "image" else {}
         if "_" + suffix not in parts:
             raise KeyError(f"series {series_id!r} not in the phantom archive")
         part_files = parts["_" + suffix]
@@ -942,32 +938,3 @@ def reference_volume(out_dir: str, series_id: str) -> np.ndarray:
             inst = list(range(n_files))
         order = sorted(inst, key=lambda i: spec.offsets[i])
     return np.ascontiguousarray(phys[order])
-
-
-# ----------------------------------------------------------------------- CLI
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-    """Command-line flags, defined only when run as a program: other tools (the index)
-    define --out too, and both modules are imported in one test session."""
-    flags.DEFINE_string("out", None, "Output folder (DIR/dicom, DIR/truth.csv, DIR/lits).")
-    flags.DEFINE_integer("patients", 50, "Number of phantom patients.")
-    flags.DEFINE_integer("seed", 0, "Seed; the same seed gives identical files.")
-    flags.DEFINE_integer("lits_cases", 4, "Number of LiTS-format liver CT cases.")
-    flags.DEFINE_integer("workers", None, "Worker processes (default: CPU count).")
-
-
-def main(argv: Sequence[str]) -> None:
-    del argv
-    if not FLAGS.out:
-        raise app.UsageError("--out is required")
-    summary = generate(FLAGS.out, FLAGS.patients, FLAGS.seed, FLAGS.lits_cases,
-                       workers=FLAGS.workers, progress=True)
-    logging.info("phantom archive in %s: %s", FLAGS.out, summary)
-    print(json.dumps(summary))
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)

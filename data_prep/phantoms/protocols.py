@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import phantom_anatomy as A
+from data_prep.phantoms import anatomy
 from radnet import labels
 
 MAX_EFFECTIVE_SPACING_MM = 15.0
@@ -387,7 +387,7 @@ def effective_spacing(spacing: float, n_slices: int) -> float:
     return spacing * n_slices / TARGET_SLICES if n_slices > TARGET_SLICES else spacing
 
 
-def truth_row(spec: SeriesSpec, anatomy: A.Anatomy) -> dict[str, Any]:
+def truth_row(spec: SeriesSpec, body: anatomy.Anatomy) -> dict[str, Any]:
     """The truth.csv row of a series (see docs/phantoms.md for the semantics)."""
     row = dict(series_id=spec.series_id, sequence=spec.sequence if spec.kind == "image" else "",
                view="", contrast="", coverage="", slice_spacing_mm="",
@@ -405,10 +405,10 @@ def truth_row(spec: SeriesSpec, anatomy: A.Anatomy) -> dict[str, Any]:
     view = dominant_view(spec.row_cos, spec.col_cos)
     row["view"] = view
     row["contrast"] = "contrast" if spec.contrast else "no_contrast"
-    z0 = anatomy.origin_lps[2]
+    z0 = body.origin_lps[2]
     zlo, zhi = z_extent(spec)
     covered = [r for r in spec.regions_named
-               if zlo <= anatomy.region_z[r][0] + z0 and zhi >= anatomy.region_z[r][1] + z0]
+               if zlo <= body.region_z[r][0] + z0 and zhi >= body.region_z[r][1] + z0]
     row["coverage"] = ";".join(covered)
     spacing = facts["spacing"]
     eff = effective_spacing(spacing, facts["n_slices"])

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep import phantom_anatomy as A
+from data_prep.phantoms import anatomy
 
 # --- CT ---------------------------------------------------------------------------------
-HU = np.zeros(A.NUM_TISSUES, np.float32)
-HU_ENHANCE = np.zeros(A.NUM_TISSUES, np.float32)
+HU = np.zeros(anatomy.NUM_TISSUES, np.float32)
+HU_ENHANCE = np.zeros(anatomy.NUM_TISSUES, np.float32)
 for t, hu, enh in [
-    (A.AIR, -1000, 0), (A.FAT, -100, 0), (A.MUSCLE, 48, 12), (A.BONE, 950, 0),
-    (A.MARROW, 260, 15), (A.WM, 27, 3), (A.GM, 38, 4), (A.CSF, 6, 0), (A.LUNG, -860, 15),
-    (A.BLOOD, 42, 190), (A.LIVER, 58, 95), (A.SPLEEN, 48, 100), (A.KIDNEY, 32, 165),
-    (A.BOWEL, 35, 45), (A.URINE, 8, 0), (A.GLAND, 32, 25), (A.MUCOSA, 48, 70),
-    (A.DURA, 45, 80), (A.TUMOUR, 36, 20), (A.DISC, 85, 5), (A.FLUID, 8, 0), (A.SOFT, 42, 45),
+    (anatomy.AIR, -1000, 0), (anatomy.FAT, -100, 0), (anatomy.MUSCLE, 48, 12), (anatomy.BONE, 950, 0),
+    (anatomy.MARROW, 260, 15), (anatomy.WM, 27, 3), (anatomy.GM, 38, 4), (anatomy.CSF, 6, 0), (anatomy.LUNG, -860, 15),
+    (anatomy.BLOOD, 42, 190), (anatomy.LIVER, 58, 95), (anatomy.SPLEEN, 48, 100), (anatomy.KIDNEY, 32, 165),
+    (anatomy.BOWEL, 35, 45), (anatomy.URINE, 8, 0), (anatomy.GLAND, 32, 25), (anatomy.MUCOSA, 48, 70),
+    (anatomy.DURA, 45, 80), (anatomy.TUMOUR, 36, 20), (anatomy.DISC, 85, 5), (anatomy.FLUID, 8, 0), (anatomy.SOFT, 42, 45),
 ]:
     HU[t] = hu
     HU_ENHANCE[t] = enh
@@ -37,23 +37,23 @@ for t, hu, enh in [
 # --- MR (1.5 T) -------------------------------------------------------------------------
 # tissue: (T1 ms, T2 ms, proton density, gadolinium ΔR1 in 1/ms, ADC in mm²/s)
 _MR = {
-    A.AIR: (1000, 1, 0.0, 0, 0), A.FAT: (260, 110, 0.95, 0, 0.0001),
-    A.MUSCLE: (870, 47, 0.75, 1 / 2500, 0.0015), A.BONE: (1000, 2, 0.04, 0, 0.0003),
-    A.MARROW: (550, 60, 0.85, 1 / 3000, 0.0004), A.WM: (780, 85, 0.69, 0, 0.0007),
-    A.GM: (1250, 105, 0.82, 0, 0.0008), A.CSF: (4000, 2000, 1.0, 0, 0.003),
-    A.LUNG: (1200, 30, 0.1, 0, 0.001), A.BLOOD: (1400, 180, 0.85, 1 / 90, 0.0015),
-    A.LIVER: (490, 45, 0.72, 1 / 450, 0.0012), A.SPLEEN: (780, 62, 0.8, 1 / 380, 0.0009),
-    A.KIDNEY: (800, 75, 0.82, 1 / 180, 0.0019), A.BOWEL: (900, 60, 0.7, 1 / 400, 0.0012),
-    A.URINE: (3500, 1500, 1.0, 0, 0.003), A.GLAND: (1000, 60, 0.75, 1 / 700, 0.0014),
-    A.MUCOSA: (900, 85, 0.8, 1 / 220, 0.0013), A.DURA: (800, 60, 0.6, 1 / 140, 0.001),
-    A.TUMOUR: (950, 95, 0.82, 1 / 350, 0.001), A.DISC: (1100, 120, 0.8, 0, 0.0014),
-    A.FLUID: (3800, 1800, 1.0, 0, 0.003), A.SOFT: (900, 80, 0.78, 1 / 450, 0.0013),
+    anatomy.AIR: (1000, 1, 0.0, 0, 0), anatomy.FAT: (260, 110, 0.95, 0, 0.0001),
+    anatomy.MUSCLE: (870, 47, 0.75, 1 / 2500, 0.0015), anatomy.BONE: (1000, 2, 0.04, 0, 0.0003),
+    anatomy.MARROW: (550, 60, 0.85, 1 / 3000, 0.0004), anatomy.WM: (780, 85, 0.69, 0, 0.0007),
+    anatomy.GM: (1250, 105, 0.82, 0, 0.0008), anatomy.CSF: (4000, 2000, 1.0, 0, 0.003),
+    anatomy.LUNG: (1200, 30, 0.1, 0, 0.001), anatomy.BLOOD: (1400, 180, 0.85, 1 / 90, 0.0015),
+    anatomy.LIVER: (490, 45, 0.72, 1 / 450, 0.0012), anatomy.SPLEEN: (780, 62, 0.8, 1 / 380, 0.0009),
+    anatomy.KIDNEY: (800, 75, 0.82, 1 / 180, 0.0019), anatomy.BOWEL: (900, 60, 0.7, 1 / 400, 0.0012),
+    anatomy.URINE: (3500, 1500, 1.0, 0, 0.003), anatomy.GLAND: (1000, 60, 0.75, 1 / 700, 0.0014),
+    anatomy.MUCOSA: (900, 85, 0.8, 1 / 220, 0.0013), anatomy.DURA: (800, 60, 0.6, 1 / 140, 0.001),
+    anatomy.TUMOUR: (950, 95, 0.82, 1 / 350, 0.001), anatomy.DISC: (1100, 120, 0.8, 0, 0.0014),
+    anatomy.FLUID: (3800, 1800, 1.0, 0, 0.003), anatomy.SOFT: (900, 80, 0.78, 1 / 450, 0.0013),
 }
-T1 = np.array([_MR[t][0] for t in range(A.NUM_TISSUES)], np.float64)
-T2 = np.array([_MR[t][1] for t in range(A.NUM_TISSUES)], np.float64)
-PD = np.array([_MR[t][2] for t in range(A.NUM_TISSUES)], np.float64)
-GAD_R1 = np.array([_MR[t][3] for t in range(A.NUM_TISSUES)], np.float64)
-ADC = np.array([_MR[t][4] for t in range(A.NUM_TISSUES)], np.float64)
+T1 = np.array([_MR[t][0] for t in range(anatomy.NUM_TISSUES)], np.float64)
+T2 = np.array([_MR[t][1] for t in range(anatomy.NUM_TISSUES)], np.float64)
+PD = np.array([_MR[t][2] for t in range(anatomy.NUM_TISSUES)], np.float64)
+GAD_R1 = np.array([_MR[t][3] for t in range(anatomy.NUM_TISSUES)], np.float64)
+ADC = np.array([_MR[t][4] for t in range(anatomy.NUM_TISSUES)], np.float64)
 FLOW_VOID = 0.12        # fraction of blood signal left in spin echo without gadolinium
 FLOW_VOID_GAD = 0.7     # slow venous flow with short T1 after gadolinium
 
@@ -80,11 +80,11 @@ def mr_table(kind: str, tr: float, te: float, ti: float | None, flip_deg: float,
         s = PD * np.sin(a) * (1 - e1) / (1 - np.cos(a) * e1) * np.exp(-te / (0.5 * T2))
     elif kind == "EPI":
         s = PD * (1 - e1) * np.exp(-te / T2) * np.exp(-b_value * ADC)
-        s[A.FAT] *= 0.05   # diffusion is always fat-suppressed
+        s[anatomy.FAT] *= 0.05   # diffusion is always fat-suppressed
     else:
         raise ValueError(f"unknown MR sequence kind {kind!r}")
     if kind in ("SE", "IR", "EPI"):
-        s[A.BLOOD] *= FLOW_VOID_GAD if contrast else FLOW_VOID
+        s[anatomy.BLOOD] *= FLOW_VOID_GAD if contrast else FLOW_VOID
     return s.astype(np.float32)
 
 
