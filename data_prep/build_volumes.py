@@ -1,7 +1,11 @@
 """python -m data_prep.build_volumes --index=OUT --dicom_root=DIR --out=DATASET: the volume
 build's command line (data_prep/volumes/cli.py); what it does: data_prep/volumes/__init__.py."""
 
+from absl import app, flags
+
 from data_prep.volumes import cli
 
 if __name__ == "__main__":
-    cli.run()
+    cli.define_flags()
+    flags.adopt_module_key_flags(cli)  # --help lists them as this program's flags
+    app.run(cli.main)

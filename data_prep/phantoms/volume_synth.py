@@ -17,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -289,3 +290,29 @@ def write_index(index_dir: str, dicom_root: str, series: Sequence[dict],
                sorted(file_rows, key=lambda r: r["path"]))
     write_csv(os.path.join(index_dir, "series.csv"), SERIES_COLUMNS,
                sorted(series_rows, key=lambda r: r["series_key"]))
+
+
+def reference_uint8(truth: np.ndarray, shape) -> np.ndarray:
+    """The paper's preprocessing of a true volume [n, r, c] → int64 ``shape``, written
+    independently of radnet.preprocess (scipy's half-pixel linear resize, numpy min-max):
+    the expected output of the volume builder in the tests."""
+    n = truth.shape[0]
+    padded = n < shape[0]
+    target = (n if padded else shape[0], shape[1], shape[2])
+    coords = np.meshgrid(*[np.clip((np.arange(o) + 0.5) * s / o - 0.5, 0, s - 1)
+                           for o, s in zip(target, truth.shape)], indexing="ij")
+    resized = ndimage.map_coordinates(truth.astype(np.float64), coords, order=1)
+    lo, hi = resized.min(), resized.max()
+    q = np.zeros(resized.shape) if hi == lo else np.rint((resized - lo) / (hi - lo) * 255)
+    out = np.zeros(shape, np.int64)
+    before = (shape[0] - n) // 2 if padded else 0
+    out[before:before + target[0]] = q
+    return out
+
+
+def fill_padded(truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Pixel padding as the standard means it, independently of radnet.preprocess: padded
+    pixels (``mask``) get the least real value."""
+    filled = truth.astype(np.float64).copy()
+    filled[mask] = filled[~mask].min()
+    return filled

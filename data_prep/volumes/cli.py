@@ -1,5 +1,5 @@
-"""The command line of the volume build: ``python -m data_prep.build_volumes`` (or
-``python -m data_prep.volumes``); what it does: data_prep/volumes/__init__.py."""
+"""The command line of the volume build, ``python -m data_prep.build_volumes`` (its entry
+module data_prep/build_volumes.py); what it does: data_prep/volumes/__init__.py."""
 
 from __future__ import annotations
 
@@ -46,8 +46,3 @@ def main(argv):
         progress=FLAGS.progress)
     print(json.dumps(summary, sort_keys=True))
     logging.info("done")
-
-
-def run() -> None:
-    define_flags()
-    app.run(main)

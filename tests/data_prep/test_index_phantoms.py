@@ -18,7 +18,7 @@ def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     subprocess.run([sys.executable, "-m", "data_prep.phantoms", f"--out={root}", "--patients=4",
                     "--lits_cases=0", "--workers=1", "--seed=3"], check=True,
-                   capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                   capture_output=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     salt = root / "salt"
     salt.write_text("phantom-test-salt-0123456789abcdef\n")
     out = root / "out"
