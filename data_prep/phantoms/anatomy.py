@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-# Tissue labels. Their physical properties live in phantom_physics.
+# Tissue labels. Their physical properties live in data_prep.phantoms.physics.
 AIR, FAT, MUSCLE, BONE, MARROW, WM, GM, CSF, LUNG, BLOOD = range(10)
 LIVER, SPLEEN, KIDNEY, BOWEL, URINE, GLAND, MUCOSA, DURA, TUMOUR, DISC = range(10, 20)
 FLUID, SOFT = 20, 21
