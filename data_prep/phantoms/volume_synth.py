@@ -205,6 +205,17 @@ def write_series(out_dir: str, values: np.ndarray, origin_mm: Sequence[float],
     return paths
 
 
+def write_two_stack_file(folder: str, size: int = 16, seed: int = 2) -> tuple[str, np.ndarray]:
+    """One enhanced file holding a 9-slice axial and a 7-slice coronal stack, as a
+    multi-stack MR object does: (its path, the coronal stack's true values)."""
+    rng = np.random.default_rng(seed)
+    axial, _ = write_body_series(os.path.join(folder, "a"), 9, size, size, orientation=AXIAL,
+                                 enhanced=True, rng=rng)
+    coronal, truth = write_body_series(os.path.join(folder, "c"), 7, size, size, enhanced=True,
+                                       orientation=CORONAL, rng=rng)
+    return merge_enhanced(axial + coronal, os.path.join(folder, "both")), truth
+
+
 def merge_enhanced(paths: Sequence[str], out_path: str) -> str:
     """Several enhanced multi-frame files (same size) → one file holding all their stacks.
 

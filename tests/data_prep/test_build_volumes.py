@@ -119,12 +119,7 @@ def test_build_writes_dataset_manifest_and_reasons(tmp_path):
 def test_multi_stack_file_builds_the_series_of_its_index_row(tmp_path):
     """An enhanced file holding an axial and a coronal stack, listed by the index once
     (under the coronal series): that series builds, the axial one has no files."""
-    rng = np.random.default_rng(2)
-    axial, _ = synth.write_body_series(str(tmp_path / "a"), 9, 16, 16, orientation=synth.AXIAL,
-                                       enhanced=True, rng=rng)
-    coronal, _ = synth.write_body_series(str(tmp_path / "c"), 7, 16, 16, enhanced=True,
-                                         orientation=synth.CORONAL, rng=rng)
-    both = synth.merge_enhanced(axial + coronal, str(tmp_path / "both"))
+    both, _ = synth.write_two_stack_file(str(tmp_path))
     synth.write_index(str(tmp_path / "index"), str(tmp_path), [
         dict(series_key="a" * 32, paths=[], orientation="1;0;0;0;1;0"),
         dict(series_key="c" * 32, paths=[both], orientation=";".join(map(str, synth.CORONAL)))])

@@ -189,12 +189,7 @@ def test_index_and_builder_measure_one_spacing():
 
 
 def test_multi_stack_file_gives_the_series_its_own_frames(tmp_path):
-    rng = np.random.default_rng(2)
-    axial, _ = synth.write_body_series(str(tmp_path / "a"), 9, 16, 16, orientation=synth.AXIAL,
-                                       enhanced=True, rng=rng)
-    coronal, truth = synth.write_body_series(str(tmp_path / "c"), 7, 16, 16, enhanced=True,
-                                             orientation=synth.CORONAL, rng=rng)
-    both = synth.merge_enhanced(axial + coronal, str(tmp_path / "both"))
+    both, truth = synth.write_two_stack_file(str(tmp_path))
     built = preprocess.build_volume([both], opts((8, 16, 16)), orientation=synth.CORONAL)
     assert built.n_slices == 7
     assert np.abs(built.volume.astype(int) - reference_uint8(truth, (8, 16, 16))).max() <= 2
