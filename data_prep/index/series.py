@@ -52,32 +52,33 @@ def _split_acquisitions(slices: list[Slice], orientation, cfg) -> list[list[Slic
     (step-and-shoot CT, concatenations); disjoint acquisitions that do not fit
     together are separate scans and are split.
     """
-    by_acq: dict[str, list[Slice]] = collections.defaultdict(list)
+    by_acquisition: dict[str, list[Slice]] = collections.defaultdict(list)
     for s in slices:
-        by_acq[s.acquisition].append(s)
-    if len(by_acq) < 2:
+        by_acquisition[s.acquisition].append(s)
+    if len(by_acquisition) < 2:
         return [slices]
-    proj = _positions_along_normal(slices, orientation)
-    if proj is None:
+    positions = _positions_along_normal(slices, orientation)
+    if positions is None:
         return [slices]
-    pos = {id(s): round(p / max(cfg.same_position_mm, 1e-6)) for s, p in zip(slices, proj)}
-    sets = [{pos[id(s)] for s in group} for group in by_acq.values()]
-    for i in range(len(sets)):
-        for j in range(i + 1, len(sets)):
-            if sets[i] & sets[j]:
+    bin_of = {id(s): round(p / max(cfg.same_position_mm, 1e-6)) for s, p in zip(slices, positions)}
+    bins = [{bin_of[id(s)] for s in group} for group in by_acquisition.values()]
+    for i in range(len(bins)):
+        for j in range(i + 1, len(bins)):
+            if bins[i] & bins[j]:
                 return [slices]
+
     def consistent(group):
-        pairs = [(s, p) for s, p in zip(slices, proj) if s.readable and s in group]
-        st = rules.stack_rule([p for _, p in pairs], [s.sop_key for s, _ in pairs],
-                              [s.temporal_index for s, _ in pairs],
-                              [s.acquisition for s, _ in pairs], None, cfg)
-        return "inconsistent_geometry" not in st.reasons, st.n_slices
+        pairs = [(s, p) for s, p in zip(slices, positions) if s.readable and s in group]
+        stack = rules.stack_rule([p for _, p in pairs], [s.sop_key for s, _ in pairs],
+                                 [s.temporal_index for s, _ in pairs],
+                                 [s.acquisition for s, _ in pairs], None, cfg)
+        return "inconsistent_geometry" not in stack.reasons, stack.n_slices
 
     if consistent(set(slices))[0]:
         return [slices]
     # Only acquisitions that are each a stack of their own (>= 3 even positions)
     # are separate scans; otherwise the holes are missing slices of one scan.
-    parts = [by_acq[a] for a in sorted(by_acq)]
+    parts = [by_acquisition[a] for a in sorted(by_acquisition)]
     if all(ok and n >= 3 for ok, n in (consistent(set(g)) for g in parts)):
         return parts
     return [slices]
