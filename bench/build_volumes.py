@@ -29,7 +29,8 @@ import pydicom  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import build_volumes as config_lib  # noqa: E402
-from data_prep import volume_builder, volume_synth  # noqa: E402
+from data_prep.phantoms import volume_synth  # noqa: E402
+from data_prep.volumes import builder as volume_builder  # noqa: E402
 from radnet.data import schema  # noqa: E402
 
 _INDEX = flags.DEFINE_string("index", None, "Existing index (else a synthetic archive is written).")

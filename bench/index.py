@@ -12,7 +12,7 @@ How it compares, so the ratios mean something:
 - The baseline is the issue's: ``pydicom.dcmread(path, stop_before_pixels=True)``
   in a plain loop. A second baseline line, with the index's ``specific_tags``,
   is printed for reference only.
-- The index is timed through ``data_prep.index.read_all`` with an empty cache
+- The index is timed through ``data_prep.index.reading.read_all`` with an empty cache
   (a fresh OUT each time): parse, checks, keyed hashes, records, cache lines.
   1 worker runs in-process; N > 1 is a forkserver pool plus the writing parent.
 - Rounds are interleaved (bare, index 1, index 2, bare, ...) so that a change of
@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pydicom  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from data_prep import dicom_headers, index  # noqa: E402
+from data_prep.index import reading  # noqa: E402
+from radnet.dicom import headers as dicom_headers  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dicom_root", None, "Tree to read; default: copies of pydicom's test files.")
@@ -68,9 +69,9 @@ def _bare(full: list[str], **kwargs) -> float:
 
 def _indexed(root: str, paths: list[str], workers: int, secret: bytes) -> float:
     with tempfile.TemporaryDirectory() as out:
-        cache = index.HeaderCache(os.path.join(out, "cache", "h.jsonl"), "bench")
+        cache = reading.HeaderCache(os.path.join(out, "cache", "h.jsonl"), "bench")
         t0 = time.perf_counter()
-        index.read_all(root, paths, secret, cache, workers, chunksize=FLAGS.chunksize,
+        reading.read_all(root, paths, secret, cache, workers, chunksize=FLAGS.chunksize,
                        progress=False)
         return time.perf_counter() - t0
 
@@ -88,7 +89,7 @@ def main(argv):
         root = os.path.join(tmp, "dicom")
         _make_tree(root, FLAGS.copies)
     try:
-        paths = index.walk(root)
+        paths = reading.walk(root)
         full = [os.path.join(root, p) for p in paths]
         n = len(paths)
         secret = b"bench-secret-0123456789abcdef"

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import ml_collections
 
-# The paper's volume rules (Du & Vardhanabhuti 2020, 2.1.5), shared by the index
-# (configs/index.py), which predicts them, and the volume builder
-# (configs/build_volumes.py), which applies them: one place, so the two never drift.
-PAPER_VOLUME_SHAPE = (48, 192, 192)  # slices along the normal, rows, columns
-PAPER_MIN_SLICES = 16  # fewer slices: too_few_slices
-PAPER_MAX_EFFECTIVE_SPACING_MM = 15.0  # effective slice spacing above it: spacing_too_large
-# The geometric tolerance of both: slices whose row and column cosines differ by less
-# than this belong to one orientation group (one series).
-ORIENTATION_GROUP_DEG = 1.0
+# The paper's volume rules and the orientation tolerance live in the library, which
+# applies them at run time too; the index and build configs read them from here.
+from radnet.dicom.geometry import ORIENTATION_GROUP_DEG  # noqa: F401
+from radnet.preprocess import (  # noqa: F401
+    PAPER_MAX_EFFECTIVE_SPACING_MM, PAPER_MIN_SLICES, PAPER_VOLUME_SHAPE)
 
 
 def _coerce(text: str, default):

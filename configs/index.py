@@ -1,4 +1,4 @@
-"""Every number of the archive index and its label rules (data_prep.index, data_prep.rules).
+"""Every number of the archive index and its label rules (data_prep.index, radnet.rules).
 
     python -m data_prep.index --dicom_root=DIR --out=OUT --config=configs/index.py
     python -m data_prep.index ... --config=configs/index.py:max_oblique_deg=15

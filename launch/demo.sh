@@ -35,7 +35,7 @@ stage "2/6 index the headers → $DEMO/index"
 stage "3/6 build 48×32×32 volumes → $DEMO/dataset"
 "$PYTHON" -m data_prep.build_volumes --index="$DEMO/index" --dicom_root="$DEMO/pacs/dicom" \
   --out="$DEMO/dataset" --config=configs/build_volumes.py:size=32 --workers="$WORKERS" \
-  --no_progress --overwrite
+  --noprogress --overwrite
 
 stage "4/6 pretrain 3D-RADNet (small, CPU) → $DEMO/pretrain"
 # Full log in $DEMO/pretrain.log; the console shows the trainer's own lines (Orbax is chatty).

@@ -75,7 +75,7 @@ class WindowReader:
         self._open: dict[str, Any] = {}
 
     def __call__(self, item) -> dict[str, np.ndarray]:
-        from data_prep import lits  # noqa: PLC0415
+        from radnet.data import lits  # noqa: PLC0415
 
         case_id, start = item
         if case_id not in self._open:
@@ -120,7 +120,7 @@ def propose(dataset: str, case_ids: Iterable[str], score: BatchScorer, window_sl
     import jax  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
-    from data_prep import lits  # noqa: PLC0415
+    from radnet.data import lits  # noqa: PLC0415
     from radnet.evaluators import predict as predict_lib  # noqa: PLC0415
 
     starts = {}
@@ -211,7 +211,7 @@ def main(argv):
     import jax  # noqa: PLC0415
     from absl import flags  # noqa: PLC0415
 
-    from data_prep import lits  # noqa: PLC0415
+    from radnet.data import lits  # noqa: PLC0415
     from radnet.train import checkpoint as ckpt_lib  # noqa: PLC0415
     from radnet.train import state as state_lib  # noqa: PLC0415
 

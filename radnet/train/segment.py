@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from data_prep import lits
+from radnet.data import lits
 from radnet import models, proposal, seg_metrics
 from radnet.data import augment
 from radnet.evaluators import predict as predict_lib

@@ -1,0 +1,61 @@
+"""Index a DICOM archive: read every header once, group slices into series, mine labels.
+
+    python -m data_prep.index --dicom_root=DIR --out=OUT [--workers=N] [--[no]progress] \\
+        [--collections=collections.csv] [--overrides=overrides.csv] \\
+        [--config=configs/index.py] [--salt_file=~/.config/radnet/salt]
+
+Writes OUT/files.csv, OUT/series.csv, OUT/review.csv and OUT/summary.json
+(formats: docs/interfaces.md; rules: radnet/rules.py; how to run it on a
+PACS export: docs/index.md).
+
+Headers are read in ``--workers`` processes (pixel data never), each record is
+appended to OUT/cache/headers.jsonl as it arrives, and a re-run reads again only
+files whose (path, size, mtime) changed, so a killed run continues where it
+stopped and a re-run on an unchanged tree parses nothing. The cache holds keyed
+hashes, never raw identifiers, and is discarded when the salt or the reader changes.
+
+Modules: salt (the keyed-hash secret), reading (walk, worker pool, HeaderCache),
+series (grouping slices into series, geometry, labels), outputs (columns, split,
+overrides, CSV files, summary); ``run_index`` below runs them in order.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from data_prep.index import outputs, reading, salt, series
+
+
+def run_index(dicom_root: str, out: str, cfg, workers: int = 1,
+              salt_file: str = salt.DEFAULT_SALT_FILE, collections_csv: str | None = None,
+              overrides_csv: str | None = None, progress: bool = True) -> dict:
+    """The whole index; returns the summary (also written to OUT/summary.json)."""
+    if not os.path.isdir(dicom_root):
+        raise FileNotFoundError(f"--dicom_root {dicom_root!r} is not a directory")
+    os.makedirs(out, exist_ok=True)
+    secret = salt.load_salt(salt_file)
+    collections_table = series.load_collections(collections_csv)
+    paths = reading.walk(dicom_root, skip=[out])
+    cache = reading.HeaderCache(os.path.join(out, "cache", "headers.jsonl"),
+                                salt.salt_fingerprint(secret))
+    records = reading.read_all(dicom_root, paths, secret, cache, workers, cfg.chunksize,
+                               cfg.cache_flush_s, progress)
+    series_rows, file_key, review_rows = series.build_series(records, secret, cfg,
+                                                             collections_table)
+    outputs.assign_splits(series_rows, cfg)
+    n_over = outputs.apply_overrides(series_rows, overrides_csv)
+    if n_over:
+        logging.info("applied %d overrides from %s", n_over, overrides_csv)
+    files_rows = outputs.file_rows(paths, records, file_key, series_rows)
+    series_rows.sort(key=lambda r: r["series_key"])
+    review_rows.sort(key=lambda r: (r["series_key"], r["column"]))
+    outputs.write_csv(os.path.join(out, "files.csv"), outputs.FILES_COLUMNS, files_rows)
+    outputs.write_csv(os.path.join(out, "series.csv"), outputs.SERIES_COLUMNS, series_rows)
+    outputs.write_csv(os.path.join(out, "review.csv"), outputs.REVIEW_COLUMNS, review_rows)
+    summary = outputs.summarize(files_rows, series_rows, review_rows)
+    summary["headers_parsed"] = cache.n_added
+    outputs.write_summary(os.path.join(out, "summary.json"), summary)
+    return summary
+

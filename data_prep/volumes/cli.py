@@ -1,0 +1,48 @@
+"""The command line of the volume build, ``python -m data_prep.build_volumes`` (its entry
+module data_prep/build_volumes.py); what it does: data_prep/volumes/__init__.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Command-line flags, defined only when run as a program so that importing this
+    module next to the other data_prep tools never clashes on shared names (--out, --workers)."""
+    flags.DEFINE_string("index", None, "Index folder written by data_prep.index (files.csv, series.csv).")
+    flags.DEFINE_string("dicom_root", None, "Root the index's file paths are relative to.")
+    flags.DEFINE_string("out", None, "Dataset path or kvstore URL (gs://…, s3://…).")
+    flags.DEFINE_integer("workers", os.cpu_count() or 1,
+                         "Worker processes (0: build in this process).")
+    flags.DEFINE_string("shard", "0/1", "i/n: build every n-th series starting at i.")
+    flags.DEFINE_bool("overwrite", False,
+                      "Replace a dataset built from another index or config.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, default configs/build_volumes.py; e.g. "
+        "configs/build_volumes.py:size=64. Fields can be overridden: --config.min_slices=8.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for name in ("index", "dicom_root", "out"):
+        if not FLAGS[name].value:
+            raise app.UsageError(f"--{name} is required")
+    # Imported here, as a module, so worker processes unpickle the functions by name.
+    from configs import build_volumes as default_config
+    from data_prep.volumes import builder
+
+    config = FLAGS.config if FLAGS.config is not None else default_config.get_config()
+    summary = builder.build(
+        FLAGS.index, FLAGS.dicom_root, FLAGS.out, config, workers=FLAGS.workers,
+        shard=builder.parse_shard(FLAGS.shard), overwrite=FLAGS.overwrite,
+        progress=FLAGS.progress)
+    print(json.dumps(summary, sort_keys=True))
+    logging.info("done")
