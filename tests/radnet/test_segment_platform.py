@@ -19,12 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.lits import build as lits_build
-from data_prep.phantoms import lits as phantom_lits
 from radnet.train import checkpoint as ckpt_lib
 from radnet.train import logging_utils
-from tests.radnet.test_segment_run import ENC
-from tests.radnet.test_transfer import radnet_init, save_pretraining
+from tests.radnet.test_segment_run import make_liver_setup
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -33,10 +30,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def liver(tmp_path_factory):
     root = tmp_path_factory.mktemp("liver_platform")
-    phantom_lits.write_cases(str(root / "lits"), 3, 0)
-    lits_build.build(str(root / "lits"), str(root / "ds"), in_plane=32, progress=False)
-    v = radnet_init()
-    save_pretraining(str(root / "pre"), v["params"], v["batch_stats"], ENC, step=3)
+    make_liver_setup(root)
     return root
 
 

@@ -25,14 +25,20 @@ from tests.radnet.test_transfer import radnet_init, save_pretraining
 ENC = dict(depth=10, variant="radnet", norm="batch", width=4, hidden=8)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("liver")
+def make_liver_setup(root):
+    """Three phantom LiTS cases as a dataset (``root/ds``) and a tiny pretraining run
+    (``root/pre``, step 3); returns the pretrained variables."""
     phantom_lits.write_cases(str(root / "lits"), 3, 0)
     lits_build.build(str(root / "lits"), str(root / "ds"), in_plane=32, progress=False)
     v = radnet_init()
     save_pretraining(str(root / "pre"), v["params"], v["batch_stats"], ENC, step=3)
-    return root, v
+    return v
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("liver")
+    return root, make_liver_setup(root)
 
 
 def test_segment_run_frozen(setup):
