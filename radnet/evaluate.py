@@ -6,7 +6,7 @@
 
 Writes to ``config.out`` (default: the checkpoint's workdir):
 
-- ``report.json``   every metric of ``radnet.metrics.head_metrics`` plus run details
+- ``report.json``   every metric of ``radnet.evaluators.heads.head_metrics`` plus run details
 - ``report.md``     Table 1 in the paper's layout (Samples / Accuracy / AUC / Recall /
                     Precision per class, a Total row per head) and the spacing errors
 - ``roc_<head>.png``, ``confusion_<head>.png``, ``slice_spacing.png``
@@ -28,7 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from radnet import labels, metrics
+from radnet import labels
+from radnet.evaluators import heads as metrics
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

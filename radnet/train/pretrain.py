@@ -22,7 +22,7 @@ import optax
 from absl import logging
 
 from radnet import labels
-from radnet import metrics as metrics_lib
+from radnet.evaluators import heads as metrics_lib
 from radnet.data import augment as augment_lib
 from radnet.data import schema
 from radnet.evaluators import predict as predict_lib
@@ -91,7 +91,7 @@ def make_train_step(model, optimizer, loss_weights: dict[str, float], augment_fn
 def make_eval_step(model):
     """→ ``eval_step(variables, batch) -> (outputs, summed loss statistics)``.
 
-    Padding rows are masked in the statistics; the outputs go to radnet.metrics on the host.
+    Padding rows are masked in the statistics; the outputs go to radnet.evaluators.heads on the host.
     """
 
     def eval_step(variables, batch):
@@ -107,7 +107,7 @@ def evaluate(eval_step, variables, batches: Iterable[dict], batch_sharding,
 
     Runs on radnet.evaluators.predict (pad, mask, all-gather). Losses come from the summed
     statistics of the jitted step; accuracy, exact match, spacing errors and AUCs from
-    radnet.metrics (the evaluation report's own code) over the gathered outputs, so every
+    radnet.evaluators.heads (the evaluation report's own code) over the gathered outputs, so every
     sample counts exactly once.
     """
     totals = None

@@ -45,7 +45,8 @@ import optax
 from absl import logging
 
 from radnet.data import lits
-from radnet import models, proposal, seg_metrics
+from radnet import models, proposal
+from radnet.evaluators import segmentation as seg_metrics
 from radnet.data import augment
 from radnet.evaluators import predict as predict_lib
 from radnet.train import checkpoint as ckpt_lib

@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from radnet import evaluate, labels, metrics
+from radnet import evaluate, labels
+from radnet.evaluators import heads as metrics
 
 
 def _fake_predictions(n=40, seed=0):

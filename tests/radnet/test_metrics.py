@@ -1,4 +1,4 @@
-"""radnet.metrics against scikit-learn and against a table worked out by hand."""
+"""radnet.evaluators.heads against scikit-learn and against a table worked out by hand."""
 
 import json
 import math
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from radnet import labels, metrics
+from radnet import labels
+from radnet.evaluators import heads as metrics
 
 
 def _quantised_probabilities(rng, n, k, step):

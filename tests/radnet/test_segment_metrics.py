@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from radnet import seg_metrics
+from radnet.evaluators import segmentation as seg_metrics
 
 
 def _reference(pred, truth):
