@@ -192,8 +192,11 @@ def evaluate_cases(dataset: str, case_ids: Sequence[str], windows: dict[str, lis
     case is stitched and scored as soon as its last window is back, so at most one case's
     probabilities are held at a time.
     """
+    empty = [c for c in case_ids if not windows.get(c)]
+    if empty:  # a case without a selected window would drop out of the scores unseen
+        raise ValueError(f"{len(empty)} case(s) have no selected window: {empty[:5]}")
     items = [(c, s) for c in case_ids for s in windows[c]]
-    last_of_case = {c: max(i for i, (cc, _) in enumerate(items) if cc == c) for c in case_ids}
+    last_of_case = {c: i for i, (c, _) in enumerate(items)}   # the last index wins
     batches = predict_lib.padded_batches(
         items, proposal.WindowReader(dataset, num_slices), local_batch_size,
         jax.process_index(), jax.process_count())
