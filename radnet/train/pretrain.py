@@ -2,11 +2,12 @@
 
     python -m radnet.main --config=configs/pretrain.py --workdir=DIR
 
-Sections in order: config and dataset → mesh → input → model and optimizer → state
-(restored from DIR/checkpoints if present, else initialised sharded) → compiled steps →
-loop with logging, validation and checkpoints. A killed run started again with the same
-command continues from its latest checkpoint and data position, and ends where an
-uninterrupted run would.
+A task on the trainer skeleton (radnet.train.loop): this module brings the dataset's
+Grain stream, the 3D-RADNet model, the optimizer, the multitask train step and the
+validation (losses, accuracies, AUCs over the whole split through
+radnet.evaluators.predict); the loop brings the sharded state, checkpoints and resume
+(a killed run started again with the same command continues from its latest checkpoint
+and data position, and ends where an uninterrupted run would), logging and the NaN guard.
 """
 
 from __future__ import annotations
