@@ -4,8 +4,8 @@
         --config.checkpoint=runs/x --config.dataset=runs/demo/dataset [--config.split=test]
 
 The model (name and sizes) comes from the checkpoint's own config.json; this file holds
-only what the evaluation itself needs. Outputs go to ``out``, or to the checkpoint's
-workdir when ``out`` is empty.
+only what the evaluation itself needs. Outputs go to ``out``, or to ``--workdir``
+when ``out`` is empty.
 """
 
 import ml_collections
@@ -22,7 +22,7 @@ def get_config(arg=None):
     config.step = -1                    # checkpoint step; -1 → the latest
     config.dataset = arg.dataset
     config.split = arg.split            # train / val / test
-    config.out = arg.out                # output folder; empty → the checkpoint workdir
+    config.out = arg.out                # output folder; empty → --workdir
     config.batch_size = 8               # GLOBAL, as in training; per process rounded up to a
                                         # multiple of its devices (padding is masked)
     # A coverage region is predicted present at sigmoid probability ≥ this (paper: 0.5).

@@ -4,7 +4,7 @@
         --config.checkpoint=WORKDIR --config.dataset=DATASET [--config.split=test] \
         [--config.out=DIR]
 
-Writes to ``config.out`` (default: the checkpoint's workdir):
+Writes to ``config.out`` (default: ``--workdir``):
 
 - ``report.json``   every metric of ``radnet.evaluators.heads.head_metrics`` plus run details
 - ``report.md``     Table 1 in the paper's layout (Samples / Accuracy / AUC / Recall /
@@ -424,6 +424,7 @@ def run(config, workdir: str) -> int:
     """Task ``evaluate``: Table 1 and plots for the checkpoint in ``config.checkpoint``."""
     import jax
 
+    from radnet.data import schema
     from radnet.train import checkpoint as checkpoint_lib
 
     checkpoint = config.checkpoint or workdir
@@ -432,6 +433,12 @@ def run(config, workdir: str) -> int:
     if config.split not in labels.SPLITS:
         raise ValueError(f"--config.split={config.split!r}; choose one of {labels.SPLITS}")
     step = None if config.step < 0 else int(config.step)
+    trained_shape = tuple(checkpoint_lib.load_config(checkpoint).input.volume_shape)
+    dataset_shape = tuple(int(s) for s in schema.read_attributes(config.dataset)["volume_shape"])
+    if trained_shape != dataset_shape:
+        raise ValueError(f"{checkpoint} was trained on volumes of {trained_shape} but "
+                         f"{config.dataset} holds {dataset_shape}; evaluate on a dataset built "
+                         "with the same volume shape")
     model_config, variables, step = checkpoint_lib.load_variables(checkpoint, step)
     logging.info("evaluating %s (step %d, model %s) on %s split %s", checkpoint, step,
                  model_config.model_name, config.dataset, config.split)
@@ -439,7 +446,7 @@ def run(config, workdir: str) -> int:
                                config.batch_size)
     if jax.process_index() != 0:
         return 0
-    out_dir = config.out or checkpoint
+    out_dir = config.out or workdir
     meta = {
         "checkpoint": os.path.abspath(checkpoint),
         "step": step,

@@ -27,6 +27,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -37,7 +38,15 @@ from radnet.train import state as state_lib
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """The training loss or state became NaN or infinite; the last good checkpoint is kept."""
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of ``tree`` is finite (ints always are)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def _per_process(name: str, global_size: int, mesh, batch_axes) -> int:
@@ -93,6 +102,8 @@ class Task:
         every process (collectives inside); None for a task without validation.
       initial_variables: ``() -> {"params", "batch_stats"}`` of a fresh start when the task
         draws or restores them itself; None = ``model.init``.
+      metric_names: every name ``evaluate`` can return, so ``checkpoint.best_metric`` is
+        checked before any work (None: not checked).
       config_extra: top-level fields added to WORKDIR/config.json.
     """
 
@@ -103,11 +114,36 @@ class Task:
     batch_keys: Sequence[str]
     evaluate: Callable[[dict, int], dict[str, float]] | None = None
     initial_variables: Callable[[], dict] | None = None
+    metric_names: Sequence[str] | None = None
     config_extra: dict = dataclasses.field(default_factory=dict)
+
+
+def check_config(config, task: Task) -> None:
+    """Config mistakes that would otherwise surface only after training: one ValueError
+    naming the field, its value and what would work."""
+    if int(config.train.num_steps) < 1:
+        raise ValueError(f"config.train.num_steps={config.train.num_steps}: train at least 1 step")
+    for field in ("eval.every_steps", "checkpoint.every_steps", "train.stop_at_step"):
+        section, key = field.split(".")
+        if int(config[section][key]) < 0:
+            raise ValueError(f"config.{field}={config[section][key]}: must be ≥ 0 (0 = off)")
+    if int(config.checkpoint.keep_best) > 0:
+        split, metric = config.eval.split, config.checkpoint.best_metric
+        if task.evaluate is None:
+            raise ValueError("config.checkpoint.keep_best > 0 but this task has no evaluation; "
+                             "set config.checkpoint.keep_best=0")
+        prefix = f"{split}/"
+        name = metric[len(prefix):] if metric.startswith(prefix) else None
+        known = sorted(task.metric_names or ())
+        if name is None or (task.metric_names is not None and name not in known):
+            choices = ", ".join(prefix + k for k in known) if known else prefix + "<metric>"
+            raise ValueError(f"config.checkpoint.best_metric={metric!r} is not a metric this run "
+                             f"evaluates (config.eval.split={split!r}); choose one of: {choices}")
 
 
 def train(config, workdir: str, placement: Placement, task: Task) -> tuple[dict, int]:
     """Trains until ``config.train.num_steps`` (or ``stop_at_step``); returns (state, step)."""
+    check_config(config, task)
     volume_shape = tuple(config.input.volume_shape)
     mesh, replicated = placement.mesh, placement.replicated
     logging_utils.quiet_orbax()
@@ -199,6 +235,15 @@ def train(config, workdir: str, placement: Placement, task: Task) -> tuple[dict,
                 interval_losses = []
             eval_metrics = run_eval(step) if do_eval else None
             if do_ckpt:
+                # The loss read above belongs to the parameters before this step's update;
+                # the state about to be saved is after it. Only a finite state is saved.
+                if not bool(all_finite(state)):
+                    manager.wait_until_finished()
+                    raise NonFiniteLossError(
+                        f"the parameters or optimizer state are not finite after step {step}; "
+                        f"not saved. The last good checkpoint (step {manager.latest_step()}) is "
+                        f"kept in {ckpt_lib.checkpoint_dir(workdir)}; lower "
+                        "config.optimizer.lr or check the input for corrupt volumes.")
                 ckpt_lib.save(manager, step, state, task.train_iterator, metrics=eval_metrics)
         if pending is not None:
             check_finite(pending[0], float(pending[1]["loss"]))

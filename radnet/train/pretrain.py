@@ -35,6 +35,11 @@ from radnet.train import state as state_lib
 # adds ``mask``).
 LABEL_KEYS = tuple(labels.CLASS_HEADS) + ("coverage", labels.SLICE_SPACING_TARGET)
 TRAIN_KEYS = ("volume",) + LABEL_KEYS
+# Every name ``evaluate`` can return (metrics of a head without labelled samples are left out).
+METRIC_NAMES = ("loss", "num_samples", *(f"{h}/loss" for h in labels.HEADS),
+                *(f"{h}/{m}" for h in labels.CLASS_HEADS for m in ("accuracy", "mean_auc")),
+                "coverage/exact_match", "coverage/mean_auc", "slice_spacing/mae_mm",
+                "slice_spacing/rmse_mm")
 
 
 def model_inputs(volume: jax.Array) -> jax.Array:
@@ -178,5 +183,6 @@ def run(config, workdir: str) -> int:
     loop.train(config, workdir, placement, loop.Task(
         model=model, optimizer=optimizer,
         train_step=make_train_step(model, optimizer, loss_weights, _augment_fn(config)),
-        train_iterator=data_iter, batch_keys=TRAIN_KEYS, evaluate=run_eval))
+        train_iterator=data_iter, batch_keys=TRAIN_KEYS, evaluate=run_eval,
+        metric_names=METRIC_NAMES))
     return 0

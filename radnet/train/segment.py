@@ -375,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_step=make_train_step(model, param_labels, stat_labels, optimizer,
                                    config.loss.dice_smooth),
         train_iterator=data_iter, batch_keys=("image", "mask"), evaluate=validate,
-        initial_variables=initial_variables,
+        initial_variables=initial_variables, metric_names=("dice",),
         config_extra={"n_train": len(train_ids), "n_train_windows": len(train_windows)}))
 
     # The best validation checkpoint on the validation and test cases.
