@@ -25,6 +25,7 @@ in PyTorch. docs/interop.md has the name map and the layout conversions.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any, Mapping
@@ -223,9 +224,10 @@ def convert_from(origin: str, path: str, out: str, arch: str, conv1_t_stride: in
 
 # ----------------------------------------------------------------------------- radnet → MONAI
 
-def to_monai(path: str, out: str) -> dict[str, Any]:
+def to_monai(path: str, out: str) -> tuple[dict[str, Any], list[str]]:
     """``--to=monai``: a radnet ``medicalnet`` encoder (weights file or workdir) → a MONAI
-    ResNet state dict in ``out`` (safetensors). Returns MONAI's constructor arguments."""
+    ResNet state dict in ``out`` (safetensors). Returns (MONAI's constructor arguments, the
+    arrays left out: everything outside the encoder, e.g. a radnet model's heads)."""
     from radnet import pretrained  # noqa: PLC0415
     from radnet.train import checkpoint as ckpt_lib  # noqa: PLC0415
 
@@ -246,12 +248,15 @@ def to_monai(path: str, out: str) -> dict[str, Any]:
             for k, v in ckpt_lib.flatten({c: encoder[c]}).items()}
     state = names.radnet_to_monai(flat)
     monai_args = names.monai_resnet_args(model)
-    import json  # noqa: PLC0415
+    prefix = () if p.config.model_name == "resnet" else ("encoder",)
+    left_out = sorted(".".join(k) for k in ckpt_lib.flatten(p.variables)
+                      if tuple(k[1:1 + len(prefix)]) != prefix)
     from safetensors.numpy import save_file  # noqa: PLC0415
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(state, out, metadata={"monai_resnet_args": json.dumps(monai_args),
-                                    "radnet_source_step": str(p.step)})
-    return monai_args
+                                    "radnet_source_step": str(p.step),
+                                    "radnet_left_out": json.dumps(left_out)})
+    return monai_args, left_out
 
 
 # ----------------------------------------------------------------------------- command line
@@ -290,7 +295,11 @@ def run(FLAGS) -> int:
     if not source or not out:
         raise ValueError("--in and --out are both required")
     if target:
-        args = to_monai(source, out)
+        args, left_out = to_monai(source, out)
+        if left_out:
+            print(f"{source}: {len(left_out)} array(s) outside the encoder not converted "
+                  f"(MONAI's ResNet has no place for them): {', '.join(left_out)}",
+                  file=sys.stderr)
         print(f"{out}: load with monai.networks.nets.ResNet("
               + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ").load_state_dict("
               "safetensors.torch.load_file(...))")

@@ -142,7 +142,8 @@ def test_monai_round_trip_gives_back_the_same_state_dict(tmp_path):
     radnet_file, monai_file = str(tmp_path / "r.safetensors"), str(tmp_path / "m.safetensors")
     convert.convert_from("monai", source, radnet_file, "resnet10", conv1_t_stride=2,
                          bias_downsample=False)
-    args = convert.to_monai(radnet_file, monai_file)
+    args, left_out = convert.to_monai(radnet_file, monai_file)
+    assert left_out == []
     original, _ = weightsfile.read_safetensors(source)
     back, metadata = weightsfile.read_safetensors(monai_file)
     assert back.keys() == original.keys()
@@ -161,7 +162,7 @@ def test_radnet_medicalnet_variant_in_monai_computes_what_jax_computes(outputs, 
            outputs[0]["medicalnet_variant_resnet50.monai_embedding"], "radnet → MONAI")
     # The command's output is the state dict MONAI loaded in the fixture script.
     out = str(tmp_path / "monai.safetensors")
-    args = convert.to_monai(source, out)
+    args, _ = convert.to_monai(source, out)
     assert json.dumps(args) == outputs[1]["medicalnet_variant_resnet50"]
     tensors, _ = weightsfile.read(source)
     state, _ = weightsfile.read_safetensors(out)
@@ -194,6 +195,27 @@ def test_reference_module_imports_without_torch_and_says_what_to_install():
         torch_reference.ResNet3D  # noqa: B018
     with pytest.raises(ImportError, match="needs PyTorch"):
         torch_reference.load(fixture("radnet_variant_resnet50.safetensors"))
+
+
+def test_to_monai_names_what_it_leaves_out(tmp_path):
+    """A radnet model (encoder + heads) of the medicalnet variant: the encoder goes to MONAI,
+    the heads are named, not dropped in silence."""
+    import jax
+    from flax import traverse_util
+
+    from radnet import models
+    fields = dict(depth=10, variant="medicalnet", width=2, hidden=4)
+    variables = models.RadNet(**fields).init(jax.random.key(0, impl="rbg"),
+                                             np.zeros((1, 32, 32, 32, 1), np.float32), train=False)
+    flat = traverse_util.flatten_dict({c: variables[c] for c in ("params", "batch_stats")}, sep=".")
+    source = str(tmp_path / "radnet_medicalnet.safetensors")
+    weightsfile.write(source, flat, {"model_name": "radnet", "model": fields, "source_step": 3})
+    args, left_out = convert.to_monai(source, str(tmp_path / "monai.safetensors"))
+    heads = sorted(k for k in flat if k.startswith("params.heads."))
+    assert left_out == heads and "params.heads.sequence.kernel" in heads
+    state, metadata = weightsfile.read_safetensors(str(tmp_path / "monai.safetensors"))
+    assert json.loads(metadata["radnet_left_out"]) == heads and metadata["radnet_source_step"] == "3"
+    assert state["conv1.weight"].shape == (2, 1, 7, 7, 7) and args["conv1_t_stride"] == 2
 
 
 def test_radnet_variant_cannot_go_to_monai_and_the_reason_is_one_line(tmp_path):
