@@ -263,15 +263,16 @@ def to_monai(path: str, out: str) -> tuple[dict[str, Any], list[str]]:
 
 def define_flags() -> None:
     """Flags, defined only when run as a program (see radnet.export.define_flags)."""
-    flags.DEFINE_enum("from", None, ["monai", "medicalnet"], "foreign weights to import")
-    flags.DEFINE_enum("to", None, ["monai"], "export a radnet medicalnet encoder to")
-    flags.DEFINE_enum("arch", None, list(ARCHS), "--from: the ResNet depth")
+    # Strings, checked in run(): a wrong value is then the command's one-line error, exit 2.
+    flags.DEFINE_string("from", None, "monai|medicalnet: foreign weights to import")
+    flags.DEFINE_string("to", None, "monai: export a radnet medicalnet encoder")
+    flags.DEFINE_string("arch", None, f"--from: the ResNet, one of {', '.join(ARCHS)}")
     flags.DEFINE_integer("conv1_t_stride", None, "--from: MONAI's conv1_t_stride (1 or 2); "
                          "default 1 for monai, 2 for medicalnet")
     flags.DEFINE_string("bias_downsample", None, "--from: true|false, MONAI's bias_downsample; "
                         "default true for monai, false for medicalnet")
-    flags.DEFINE_enum("shortcut_type", None, ["A", "B"], "--from: MONAI's shortcut_type; "
-                      "default B (A for medicalnet resnet18/34)")
+    flags.DEFINE_string("shortcut_type", None, "--from: A|B, MONAI's shortcut_type; "
+                        "default B (A for medicalnet resnet18/34)")
     flags.DEFINE_string("in", None, "input: a state dict (.safetensors, .pt/.pth) for --from; "
                         "a radnet weights file or workdir for --to")
     flags.DEFINE_string("out", None, "output .safetensors file")
@@ -292,6 +293,9 @@ def run(FLAGS) -> int:
     origin, target, source, out = FLAGS["from"].value, FLAGS.to, FLAGS["in"].value, FLAGS.out
     if bool(origin) == bool(target):
         raise ValueError("give exactly one of --from=monai|medicalnet or --to=monai")
+    if target and target != "monai":
+        raise ValueError(f"--to={target}: radnet converts to monai (PyTorch users of the radnet "
+                         "variant: radnet.interop.torch_reference)")
     if not source or not out:
         raise ValueError("--in and --out are both required")
     if target:
