@@ -7,7 +7,8 @@
 
 ``load`` reads a run's resolved config (``config.json``) and one checkpoint's parameters and
 batch statistics (never the optimizer state), onto this process's devices whatever mesh the
-run trained on. ``merge_encoder`` is loud: a model whose encoder does not fit the checkpoint's
+run trained on; or an exported weights file (``python -m radnet.export``,
+``python -m radnet.interop.convert``: safetensors + model card, docs/interop.md). ``merge_encoder`` is loud: a model whose encoder does not fit the checkpoint's
 stops with one error naming every missing, unexpected and mis-shaped array. ``freeze`` keeps
 encoder stages bit-identical through ``optax.apply_updates``. See docs/pretrained.md.
 
@@ -22,6 +23,8 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -32,12 +35,15 @@ from radnet.train import transfer
 
 ENCODER = transfer.ENCODER
 COLLECTIONS = ckpt_lib.VARIABLE_COLLECTIONS          # ("params", "batch_stats")
-# Exported weight files: each suffix will get a reader; until then load() names the way that works.
+# Exported weight files (radnet.interop.weightsfile).
 EXPORT_SUFFIXES = (".safetensors",)
 _ENCODER_FIELDS = tuple(f.name for f in dataclasses.fields(models.ResNet3D)
                         if f.name not in ("parent", "name"))
 _WORKDIR_HINT = ("pass the workdir of a radnet training run (the folder holding config.json "
-                 "and checkpoints/, e.g. runs/demo/pretrain)")
+                 "and checkpoints/, e.g. runs/demo/pretrain) or a .safetensors file made by "
+                 "python -m radnet.export or python -m radnet.interop.convert")
+# Parameter shapes do not depend on the volume: any input every variant takes will do.
+_SHAPE_PROBE = (32, 64, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +54,9 @@ class Pretrained:
       config: the run's resolved config (``ml_collections.ConfigDict`` of config.json).
       model: the run's whole Linen model (e.g. ``radnet.models.RadNet``: encoder + heads).
       variables: ``{"params", "batch_stats"}`` of ``model`` at ``step``.
-      step: the checkpoint step read.
+      step: the checkpoint step read (of the source run, for an exported file).
       source: the path it was loaded from.
+      card: the model card of an exported file (docs/interop.md); None for a workdir.
     """
 
     config: Any
@@ -57,6 +64,7 @@ class Pretrained:
     variables: dict
     step: int
     source: str
+    card: dict | None = None
 
     def encoder(self, **overrides) -> tuple[models.ResNet3D, dict]:
         """→ (``radnet.models.ResNet3D`` with the run's encoder fields, its
@@ -102,8 +110,9 @@ def load(path: str | os.PathLike, step: int | None = None) -> Pretrained:
 
     ``path`` is a training workdir (config.json + checkpoints/): ``step=None`` reads its
     best checkpoint by the run's ``checkpoint.best_metric`` (the latest one when no step was
-    evaluated), ``step=N`` exactly checkpoint N. Exported weight files (``.safetensors``)
-    will be read by this same call; until their reader lands they raise NotImplementedError.
+    evaluated), ``step=N`` exactly checkpoint N. Or ``path`` is an exported weights file
+    (``.safetensors`` with a radnet model card): it loads as the workdir it came from did,
+    the same arrays onto the same devices (``step`` must be None or the file's step).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -111,8 +120,7 @@ def load(path: str | os.PathLike, step: int | None = None) -> Pretrained:
     if os.path.isfile(path):
         suffix = os.path.splitext(path)[1].lower()
         if suffix in EXPORT_SUFFIXES:
-            raise NotImplementedError(
-                f"{path}: loading exported {suffix} weights is not supported yet; {_WORKDIR_HINT}")
+            return _load_file(path, step)
         raise ValueError(f"{path} is a file of a type radnet cannot load ({suffix or 'no suffix'}); "
                          f"{_WORKDIR_HINT}")
     if not os.path.isfile(os.path.join(path, ckpt_lib.CONFIG_FILE)):
@@ -122,6 +130,40 @@ def load(path: str | os.PathLike, step: int | None = None) -> Pretrained:
     from radnet.train import state as state_lib  # noqa: PLC0415  (the one model factory)
     return Pretrained(config=config, model=state_lib.build_model(config), variables=variables,
                       step=int(step), source=path)
+
+
+def _load_file(path: str, step: int | None) -> Pretrained:
+    from radnet.interop import weightsfile  # noqa: PLC0415  (safetensors, on use)
+    from radnet.train import sharding as sharding_lib  # noqa: PLC0415
+    from radnet.train import state as state_lib  # noqa: PLC0415
+
+    tensors, card = weightsfile.read(path)
+    file_step = int(card.get("source_step") or 0)
+    if step is not None and int(step) != file_step:
+        raise ValueError(f"{path} holds step {file_step} only (step={step} was asked); load "
+                         "the run's workdir for other steps")
+    volume_shape = (card.get("preprocessing") or {}).get("volume_shape")
+    config = ml_collections.ConfigDict({
+        "model_name": card["model_name"], "model": card["model"],
+        "input": {"volume_shape": list(volume_shape) if volume_shape else None}})
+    model = state_lib.build_model(config)
+    # Names and shapes against the model the card describes, before anything is placed.
+    probe = np.zeros((1, *(volume_shape or _SHAPE_PROBE), 1), np.float32)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), probe, train=False))
+    expected = {tuple(k): a.shape for c in COLLECTIONS
+                for k, a in ckpt_lib.flatten({c: abstract.get(c, {})}).items()}
+    found = {tuple(k.split(weightsfile.SEP)): v.shape for k, v in tensors.items()}
+    ckpt_lib.raise_on_problems(ckpt_lib.compare(expected, found, "file"),
+                               f"{path} does not fit the {card['model_name']!r} model its card "
+                               "describes")
+    # The same placement as a workdir's load_variables: replicated on this process's devices.
+    sharding = jax.sharding.NamedSharding(
+        sharding_lib.make_mesh([("data", -1)], devices=jax.local_devices()), jax.P())
+    variables = traverse_util.unflatten_dict(
+        {k: jax.device_put(v, sharding) for k, v in tensors.items()}, sep=weightsfile.SEP)
+    variables = {c: variables.get(c, {}) for c in COLLECTIONS}
+    return Pretrained(config=config, model=model, variables=variables, step=file_step,
+                      source=path, card=card)
 
 
 # ----------------------------------------------------------------------------- merge

@@ -29,7 +29,13 @@ stride 2 → norm → ReLU → max-pool 3 stride 2; post-activation units (conv 
 norm → ReLU, ReLU after the residual sum); projection shortcut (1×1×1 conv +
 norm) where shape changes; stride-2 stages 2–4 (total stride 32), or with
 ``dilated=True`` Med3D's segmentation layout: stages 3 and 4 keep stride 1 with
-dilation 2 and 4 (total stride 8). Padding is PyTorch-symmetric.
+dilation 2 and 4 (total stride 8). Padding is PyTorch-symmetric. Three options
+reproduce every layout of MONAI's ``ResNet`` (radnet.interop converts its weights):
+``stem_stride`` (MONAI's ``conv1_t_stride``: 2 as Med3D, 1 as MONAI's default),
+``shortcut_bias`` (MONAI's ``bias_downsample``: a bias on the projection conv) and
+``shortcut_type`` (``"B"``: projection conv + norm; ``"A"``: Med3D's parameter-free
+shortcut, the input subsampled by the stride with zero channels appended). Their
+defaults are the layout above, so existing parameter trees are unchanged.
 
 Depths: 10, 18, 34 (basic units: two 3×3×3 convs) and 50, 101, 152, 200
 (bottleneck units 1×1×1 → 3×3×3 → 1×1×1, ×4 output channels).
@@ -61,8 +67,12 @@ DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
+SHORTCUT_TYPES: tuple[str, ...] = ("B", "A")
+
+
 def check_config(depth: int, variant: str, norm: str, dilated: bool = False,
-                 frozen_stages: Sequence[str] = ()) -> None:
+                 frozen_stages: Sequence[str] = (), stem_stride: int = 2,
+                 shortcut_type: str = "B", shortcut_bias: bool = False) -> None:
     """Raises a ValueError naming the bad field for an impossible encoder config."""
     if depth not in DEPTHS:
         raise ValueError(f"unsupported ResNet depth {depth!r}; use one of {sorted(DEPTHS)}")
@@ -75,15 +85,26 @@ def check_config(depth: int, variant: str, norm: str, dilated: bool = False,
     unknown = [s for s in frozen_stages if s not in STAGES]
     if unknown:
         raise ValueError(f"frozen_stages {unknown} are not encoder stages; stages are {STAGES}")
+    if stem_stride not in (1, 2):
+        raise ValueError(f"stem_stride={stem_stride!r}; use 1 or 2")
+    if shortcut_type not in SHORTCUT_TYPES:
+        raise ValueError(f"shortcut_type={shortcut_type!r}; use one of {SHORTCUT_TYPES}")
+    if variant != "medicalnet" and (stem_stride, shortcut_type, shortcut_bias) != (2, "B", False):
+        raise ValueError("stem_stride, shortcut_type and shortcut_bias exist only for "
+                         "variant='medicalnet' (MONAI/Med3D layouts)")
+    if shortcut_bias and shortcut_type != "B":
+        raise ValueError("shortcut_bias=True needs shortcut_type='B' (type A has no conv)")
 
 
-def stage_strides(variant: str = "radnet", dilated: bool = False) -> dict[str, tuple[int, int, int]]:
-    """Cumulative (D, H, W) stride of each stage's feature map w.r.t. the input."""
+def stage_strides(variant: str = "radnet", dilated: bool = False,
+                  stem_stride: int = 2) -> dict[str, tuple[int, int, int]]:
+    """Cumulative (D, H, W) stride of each stage's feature map w.r.t. the input
+    (``stem_stride``: medicalnet only)."""
     if variant == "radnet":
         stem = (1, 2, 2)
         steps = [(2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)]  # pool after stem, pools between stages
     elif variant == "medicalnet":
-        stem = (2, 2, 2)
+        stem = (stem_stride,) * 3
         late = (1, 1, 1) if dilated else (2, 2, 2)
         steps = [(2, 2, 2), (2, 2, 2), late, late]
     else:
@@ -102,11 +123,22 @@ def output_channels(depth: int, width: int) -> int:
     return 8 * width * EXPANSION[kind]
 
 
-def _conv(features, kernel, *, strides=1, dilation=1, padding_mode, dtype, name):
+def _conv(features, kernel, *, strides=1, dilation=1, padding_mode, dtype, name, use_bias=False):
     kernel, strides, dilation = common.triple(kernel), common.triple(strides), common.triple(dilation)
     return nn.Conv(features, kernel_size=kernel, strides=strides, kernel_dilation=dilation,
-                   padding=common.conv_padding(kernel, dilation, padding_mode), use_bias=False,
+                   padding=common.conv_padding(kernel, dilation, padding_mode), use_bias=use_bias,
                    dtype=dtype, param_dtype=jnp.float32, kernel_init=common.conv_init, name=name)
+
+
+def _shortcut(x, features, strides, shortcut_type, shortcut_bias, conv, norm):
+    """The post-activation projection shortcut. ``"B"``: 1×1×1 conv (+ bias when
+    ``shortcut_bias``) → norm. ``"A"`` (Med3D resnet18/34): ``x`` subsampled by ``strides``
+    (a 1×1×1 average pool) with zero channels appended up to ``features``; no parameters."""
+    if shortcut_type == "A":
+        sd, sh, sw = strides
+        y = x[:, ::sd, ::sh, ::sw, :]
+        return jnp.pad(y, ((0, 0),) * 4 + ((0, features - y.shape[-1]),))
+    return norm("shortcut_norm")(conv("shortcut_conv", features, strides, shortcut_bias)(x))
 
 
 class SliceFoldedConv(nn.Module):
@@ -153,6 +185,7 @@ class Stem(nn.Module):
     norm: str = "batch"
     dtype: Any = "float32"
     bn_momentum: float = common.BN_MOMENTUM
+    stride: int = 2          # medicalnet only (MONAI's conv1_t_stride)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -160,7 +193,7 @@ class Stem(nn.Module):
         if self.variant == "radnet":
             kernel, strides, padding = (3, 7, 7), (1, 2, 2), "same"
         elif self.variant == "medicalnet":
-            kernel, strides, padding = (7, 7, 7), (2, 2, 2), "symmetric"
+            kernel, strides, padding = (7, 7, 7), (self.stride,) * 3, "symmetric"
         else:
             raise ValueError(f"unknown ResNet variant {self.variant!r}; use one of {VARIANTS}")
         if self.variant == "radnet":
@@ -189,6 +222,8 @@ class BasicUnit(nn.Module):
     padding_mode: str = "same"
     dtype: Any = "float32"
     bn_momentum: float = common.BN_MOMENTUM
+    shortcut_type: str = "B"       # post-activation (medicalnet) only
+    shortcut_bias: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -209,7 +244,10 @@ class BasicUnit(nn.Module):
         y = norm("norm2")(conv("conv2", 3)(y))
         shortcut = x
         if needs_projection:
-            shortcut = norm("shortcut_norm")(conv("shortcut_conv", 1, strides)(x))
+            shortcut = _shortcut(
+                x, self.features, strides, self.shortcut_type, self.shortcut_bias,
+                lambda name, f, s, bias: _conv(f, 1, strides=s, padding_mode=self.padding_mode,
+                                               dtype=dtype, name=name, use_bias=bias), norm)
         return nn.relu(shortcut + y)
 
 
@@ -224,6 +262,8 @@ class BottleneckUnit(nn.Module):
     padding_mode: str = "same"
     dtype: Any = "float32"
     bn_momentum: float = common.BN_MOMENTUM
+    shortcut_type: str = "B"       # post-activation (medicalnet) only
+    shortcut_bias: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -234,10 +274,10 @@ class BottleneckUnit(nn.Module):
         norm = lambda name: common.make_norm(self.norm, train, name=name, dtype=dtype,
                                              momentum=self.bn_momentum)
 
-        def conv(name, features, k, s=1):
+        def conv(name, features, k, s=1, bias=False):
             # Dilation applies to the 3×3×3 conv only (Med3D), a no-op on 1×1×1 kernels.
             return _conv(features, k, strides=s, dilation=self.dilation if k == 3 else 1,
-                         padding_mode=self.padding_mode, dtype=dtype, name=name)
+                         padding_mode=self.padding_mode, dtype=dtype, name=name, use_bias=bias)
 
         if self.preact:
             pre = nn.relu(norm("norm1")(x))
@@ -252,7 +292,8 @@ class BottleneckUnit(nn.Module):
         y = norm("norm3")(conv("conv3", out_features, 1)(y))
         shortcut = x
         if needs_projection:
-            shortcut = norm("shortcut_norm")(conv("shortcut_conv", out_features, 1, strides)(x))
+            shortcut = _shortcut(x, out_features, strides, self.shortcut_type, self.shortcut_bias,
+                                 lambda name, f, s, bias: conv(name, f, 1, s, bias), norm)
         return nn.relu(shortcut + y)
 
 
@@ -270,6 +311,8 @@ class Stage(nn.Module):
     padding_mode: str = "same"
     dtype: Any = "float32"
     bn_momentum: float = common.BN_MOMENTUM
+    shortcut_type: str = "B"       # post-activation (medicalnet) only
+    shortcut_bias: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -278,7 +321,8 @@ class Stage(nn.Module):
             x = unit_cls(features=self.features, strides=self.strides if i == 0 else 1,
                          dilation=self.dilation, preact=self.preact, norm=self.norm,
                          padding_mode=self.padding_mode, dtype=self.dtype,
-                         bn_momentum=self.bn_momentum, name=f"unit{i + 1}")(x, train)
+                         bn_momentum=self.bn_momentum, shortcut_type=self.shortcut_type,
+                         shortcut_bias=self.shortcut_bias, name=f"unit{i + 1}")(x, train)
         if self.post_norm:
             # Pre-activation stacks leave the last sum un-normalised; this is the
             # reference code's final norm → ReLU before pooling.
@@ -306,6 +350,9 @@ class ResNet3D(nn.Module):
         encoder inside a model whose other layers train. (The optimizer must
         also leave those parameters alone; that is the trainer's job.)
       bn_momentum: running-average momentum of batch norm.
+      stem_stride, shortcut_type, shortcut_bias: medicalnet only, the MONAI ``ResNet``
+        arguments ``conv1_t_stride``, ``shortcut_type`` and ``bias_downsample``
+        (defaults: Med3D's 2, "B", False; docs/interop.md).
 
     ``__call__(x [B, D, H, W, C], train) -> (embedding [B, C_out] float32,
     {"stem": …, "block1": …, …, "block4": …})`` with feature maps
@@ -321,10 +368,14 @@ class ResNet3D(nn.Module):
     dilated: bool = False
     frozen_stages: Sequence[str] = ()
     bn_momentum: float = common.BN_MOMENTUM
+    stem_stride: int = 2
+    shortcut_type: str = "B"
+    shortcut_bias: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        check_config(self.depth, self.variant, self.norm, self.dilated, self.frozen_stages)
+        check_config(self.depth, self.variant, self.norm, self.dilated, self.frozen_stages,
+                     self.stem_stride, self.shortcut_type, self.shortcut_bias)
         if x.ndim != 5:
             raise ValueError(f"ResNet3D expects [B, D, H, W, C] input, got shape {x.shape}")
         kind, units = DEPTHS[self.depth]
@@ -332,7 +383,8 @@ class ResNet3D(nn.Module):
         shared = dict(norm=self.norm, dtype=self.dtype, bn_momentum=self.bn_momentum)
 
         features = {}
-        h = Stem(variant=self.variant, width=self.width, name="stem", **shared)(
+        h = Stem(variant=self.variant, width=self.width, stride=self.stem_stride, name="stem",
+                 **shared)(
             x, stage_train["stem"])
         features["stem"] = h
         radnet = self.variant == "radnet"
@@ -355,12 +407,13 @@ class ResNet3D(nn.Module):
             h = Stage(kind=kind, num_units=units[i], features=self.width * 2 ** i,
                       strides=strides, dilation=dilation, preact=radnet,
                       post_norm=radnet and name == "block4",
-                      padding_mode="same" if radnet else "symmetric", name=name,
-                      **shared)(h, stage_train[name])
+                      padding_mode="same" if radnet else "symmetric",
+                      shortcut_type=self.shortcut_type, shortcut_bias=self.shortcut_bias,
+                      name=name, **shared)(h, stage_train[name])
             features[name] = h
             if 0 in h.shape[1:4]:
                 # 'valid' pooling of an axis of size 1 leaves 0 voxels: the mean would be NaN.
-                total = stage_strides(self.variant, self.dilated)["block4"]
+                total = stage_strides(self.variant, self.dilated, self.stem_stride)["block4"]
                 raise ValueError(
                     f"input (D, H, W) = {tuple(x.shape[1:4])} is too small for this encoder: "
                     f"{name} is left with {tuple(h.shape[1:4])} voxels; each axis needs at "
