@@ -251,11 +251,10 @@ def to_monai(path: str, out: str) -> tuple[dict[str, Any], list[str]]:
     prefix = () if p.config.model_name == "resnet" else ("encoder",)
     left_out = sorted(".".join(k) for k in ckpt_lib.flatten(p.variables)
                       if tuple(k[1:1 + len(prefix)]) != prefix)
-    from safetensors.numpy import save_file  # noqa: PLC0415
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(state, out, metadata={"monai_resnet_args": json.dumps(monai_args),
-                                    "radnet_source_step": str(p.step),
-                                    "radnet_left_out": json.dumps(left_out)})
+    weightsfile.save(out, state, {"monai_resnet_args": json.dumps(monai_args),
+                                  "radnet_source_step": str(p.step),
+                                  "radnet_left_out": json.dumps(left_out)})
     return monai_args, left_out
 
 

@@ -29,14 +29,24 @@ class NotAWeightsFile(ValueError):
     """A file that is not a safetensors file, or one without a radnet model card."""
 
 
+def save(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
+         metadata: Mapping[str, str]) -> None:
+    """A safetensors file at ``path``, atomically, readable as the umask allows (safetensors
+    itself creates its files 0600, which hides shared weights from colleagues)."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    save_file(dict(arrays), tmp, metadata=dict(metadata))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write(path: str | os.PathLike, tensors: Mapping[str, Any], card: Mapping[str, Any]) -> None:
     """``tensors`` (flat name → array) and ``card`` (JSON-able) → ``path``, atomically."""
-    path = os.fspath(path)
     card = {"format": FORMAT, **card}
     arrays = {name: np.ascontiguousarray(np.asarray(value)) for name, value in tensors.items()}
-    tmp = path + ".tmp"
-    save_file(arrays, tmp, metadata={CARD_KEY: json.dumps(card, sort_keys=True)})
-    os.replace(tmp, path)
+    save(path, arrays, {CARD_KEY: json.dumps(card, sort_keys=True)})
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -69,6 +69,9 @@ def test_round_trip_gives_identical_arrays_and_predictions(run, tmp_path):
     workdir, _ = run
     out = str(tmp_path / "radnet.safetensors")
     card = export.export(workdir, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask   # shareable, as the umask allows
     from_run, from_file = pretrained.load(workdir), pretrained.load(out)
     assert from_file.step == from_run.step == card["source_step"]
     assert from_file.config.model.to_dict() == from_run.config.model.to_dict()
