@@ -65,6 +65,8 @@ def define_flags(flags_module, default_workers: int, workers_help: str) -> None:
         "scheduler", None,
         "tcp://HOST:PORT of a running Dask scheduler to run on instead (default: "
         "$DASK_SCHEDULER_ADDRESS if set); see docs/scale.md.")
+    flags_module.DEFINE_float("connect_timeout_s", CONNECT_TIMEOUT_S,
+                              "Seconds to reach --scheduler before giving up.")
 
 
 def scheduler_address(flag: str | None = None) -> str | None:
@@ -198,8 +200,10 @@ def engine(scheduler: str | None = None, workers: int = 0, *,
             client = distributed.Client(cluster, timeout=connect_timeout_s,
                                         set_as_default=False)
             description = f"LocalCluster of {workers} processes"
+        services = client.scheduler_info().get("services", {})
         logging.info("Dask: %s, %d worker(s); dashboard: %s", description,
-                     len(client.nthreads()), client.dashboard_link)
+                     len(client.nthreads()),
+                     client.dashboard_link if "dashboard" in services else "none")
         yield Engine(client, description)
     finally:
         if client is not None:

@@ -35,7 +35,8 @@ from data_prep.index import outputs, reading, salt, series
 def run_index(dicom_root: str, out: str, cfg, workers: int = 0,
               salt_file: str = salt.DEFAULT_SALT_FILE, collections_csv: str | None = None,
               overrides_csv: str | None = None, progress: bool = True,
-              scheduler: str | None = None) -> dict:
+              scheduler: str | None = None,
+              connect_timeout_s: float = cluster.CONNECT_TIMEOUT_S) -> dict:
     """The whole index; returns the summary (also written to OUT/summary.json).
 
     Headers are read on the Dask cluster at ``scheduler`` (or DASK_SCHEDULER_ADDRESS),
@@ -43,13 +44,14 @@ def run_index(dicom_root: str, out: str, cfg, workers: int = 0,
     """
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"--dicom_root {dicom_root!r} is not a directory")
-    os.makedirs(out, exist_ok=True)
-    secret = salt.load_salt(salt_file)
-    collections_table = series.load_collections(collections_csv)
-    paths = reading.walk(dicom_root, skip=[out])
-    cache = reading.HeaderCache(os.path.join(out, "cache", "headers.jsonl"),
-                                salt.salt_fingerprint(secret))
-    with cluster.engine(scheduler, workers) as eng:
+    # The cluster first: an unreachable scheduler fails before the tree is walked.
+    with cluster.engine(scheduler, workers, connect_timeout_s=connect_timeout_s) as eng:
+        os.makedirs(out, exist_ok=True)
+        secret = salt.load_salt(salt_file)
+        collections_table = series.load_collections(collections_csv)
+        paths = reading.walk(dicom_root, skip=[out])
+        cache = reading.HeaderCache(os.path.join(out, "cache", "headers.jsonl"),
+                                    salt.salt_fingerprint(secret))
         records = reading.read_all(dicom_root, paths, secret, cache, eng, cfg.chunksize,
                                    cfg.cache_flush_s, progress)
     series_rows, file_key, review_rows = series.build_series(records, secret, cfg,

@@ -37,7 +37,8 @@ def main(argv):
     try:
         summary = index.run_index(FLAGS.dicom_root, FLAGS.out, FLAGS.config, FLAGS.workers,
                                   FLAGS.salt_file, FLAGS.collections, FLAGS.overrides,
-                                  FLAGS.progress, scheduler=FLAGS.scheduler)
+                                  FLAGS.progress, scheduler=FLAGS.scheduler,
+                                  connect_timeout_s=FLAGS.connect_timeout_s)
     except cluster.ClusterError as err:
         cluster.exit_with_error(str(err))
     print(outputs.format_summary(summary))

@@ -341,7 +341,8 @@ _ROUNDS = 3  # task rounds per run; a later round redoes series that ended witho
 
 def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
           overwrite: bool = False, progress: bool = True,
-          scheduler: str | None = None) -> dict:
+          scheduler: str | None = None,
+          connect_timeout_s: float = cluster.CONNECT_TIMEOUT_S) -> dict:
     """Builds (or resumes) the dataset on Dask, then finalizes it.
 
     Series are Dask tasks on the cluster at ``scheduler`` (or DASK_SCHEDULER_ADDRESS),
@@ -351,7 +352,6 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
     series, files, fingerprint = load_index(index_dir)
     if not series:
         raise ValueError(f"{index_dir}/series.csv has no included series")
-    _prepare_dataset(out, len(series), config, fingerprint, overwrite)
     all_tasks = [Task(i, row["series_key"], tuple(files[row["series_key"]]),
                       parse_orientation(row.get("orientation")))
                  for i, row in enumerate(series)]
@@ -359,12 +359,14 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
     local = "://" not in out
     run = Run(uuid.uuid4().hex, os.path.abspath(out) if local else out,
               os.path.abspath(dicom_root), options_from_config(config), bool(config.fsync))
-    start = time.perf_counter()
     outcomes: dict[int, dict] = {}
-    done = read_markers(out)
-    logging.info("%d series in the index; %d left to build (%d already done)",
-                 len(series), len(series) - len(done), len(done))
-    with cluster.engine(scheduler, workers) as eng:
+    # The cluster first: an unreachable scheduler fails before anything is written.
+    with cluster.engine(scheduler, workers, connect_timeout_s=connect_timeout_s) as eng:
+        start = time.perf_counter()
+        _prepare_dataset(out, len(series), config, fingerprint, overwrite)
+        done = read_markers(out)
+        logging.info("%d series in the index; %d left to build (%d already done)",
+                     len(series), len(series) - len(done), len(done))
         for round_ in range(_ROUNDS):
             tasks = [t for t in all_tasks if t.index not in done]
             if not tasks:
