@@ -22,6 +22,7 @@ def define_flags():
     flags.DEFINE_string("dicom_root", None, "Root of the DICOM tree (any layout, any file names).")
     flags.DEFINE_string("out", None, "Output folder (files.csv, series.csv, review.csv, summary.json).")
     cluster.define_flags(flags, max(1, (os.cpu_count() or 2) - 1), "Header-reading")
+    flags.adopt_module_key_flags(cluster)  # --help lists them with this tool\'s own
     flags.DEFINE_string("collections", None, "Optional collections.csv: collection,regions.")
     flags.DEFINE_string("overrides", None, "Optional overrides.csv: series_key,column,value.")
     flags.DEFINE_string("salt_file", salt.DEFAULT_SALT_FILE,

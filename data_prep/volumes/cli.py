@@ -21,6 +21,7 @@ def define_flags():
     flags.DEFINE_string("dicom_root", None, "Root the index's file paths are relative to.")
     flags.DEFINE_string("out", None, "Dataset path or kvstore URL (gs://…, s3://…).")
     cluster.define_flags(flags, os.cpu_count() or 1, "Volume-building")
+    flags.adopt_module_key_flags(cluster)  # --help lists them with this tool\'s own
     flags.DEFINE_bool("overwrite", False,
                       "Replace a dataset built from another index or config.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
