@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import os
+import pickle
 import sys
 import time
 from typing import Iterable
@@ -37,7 +38,24 @@ def walk(dicom_root: str, skip: Iterable[str] = ()) -> list[str]:
     return sorted(found)
 
 
-_MAX_CHUNK = 256
+_MAX_CHUNK = 1024
+
+
+def _chunks(todo: list, smallest: int, workers: int) -> list[list]:
+    """Tasks of decreasing size: each takes half of what is left per worker (up to
+    ``_MAX_CHUNK`` files, at least ``smallest``), so that there are few tasks and the
+    last ones are small (every worker finishes at about the same time).
+
+    Each task costs the client and the scheduler a hand-over (~1-3 ms of CPU on a busy
+    VM) and its worker ~5 ms (measured: 4000 headers in 32 tasks took 8 % more worker
+    CPU than in one), so 10^4 files make ~20 tasks per worker, 10^6 files ~1000 tasks.
+    """
+    chunks, i = [], 0
+    while i < len(todo):
+        step = max(1, smallest, min(_MAX_CHUNK, (len(todo) - i) // (2 * max(1, workers))))
+        chunks.append(todo[i:i + step])
+        i += step
+    return chunks
 _QUIET = False
 
 
@@ -45,13 +63,16 @@ def _cache_line(rel: str, size: int, mtime: int, record: dict) -> str:
     return json.dumps({"p": rel, "s": size, "m": mtime, "r": record}, separators=(",", ":")) + "\n"
 
 
-def read_chunk(tasks: list[tuple[str, int, int]], secret: bytes,
-               root: str) -> list[tuple[str, int, int, dict, str]]:
-    """Records of a few files, each with its cache line already encoded (a Dask task).
+def read_chunk(tasks: list[tuple[str, int, int]], secret: bytes, root: str) -> bytes:
+    """Records of a few files, each with its cache line already encoded (a Dask task):
+    a pickled list of (path, size, mtime, record, cache line).
 
     A whole chunk is one task and one result: the hand-over of each task costs the
     client and the scheduler a few ms of CPU, and the JSON encoding is done here,
-    so the writing client spends little per file.
+    so the writing client spends little per file. Pickled here, as one bytes object:
+    left to Dask, the list of dicts was serialised element by element on the worker's
+    event-loop thread, which took the GIL from the next chunk's parsing (measured:
+    the same 4000 files cost 2.55 s of task time in 32 tasks, 1.86 s in one).
     """
     global _QUIET
     if not _QUIET:
@@ -63,7 +84,7 @@ def read_chunk(tasks: list[tuple[str, int, int]], secret: bytes,
     for rel, size, mtime in tasks:
         record = dicom_headers.read_header(os.path.join(root, rel), secret)
         out.append((rel, size, mtime, record, _cache_line(rel, size, mtime, record)))
-    return out
+    return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class HeaderCache:
@@ -167,11 +188,7 @@ def read_all(dicom_root: str, paths: list[str], secret: bytes, cache: HeaderCach
                     file=sys.stderr)
     last_flush = time.monotonic()
     try:
-        # Every task costs the client and scheduler a hand-over (~1-3 ms of CPU on a busy
-        # VM), so a big tree gets bigger tasks, up to 256 files, while each worker still
-        # gets ~32 tasks (an even finish).
-        step = max(1, chunksize, min(_MAX_CHUNK, len(todo) // (32 * workers)))
-        chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
+        chunks = _chunks(todo, chunksize, workers)
         while chunks:
             retry = []
             for i, chunk in eng.map(read_chunk, chunks, key="headers", secret=secret, root=root):
@@ -184,6 +201,8 @@ def read_all(dicom_root: str, paths: list[str], secret: bytes, cache: HeaderCach
                     logging.warning("reading one file killed its worker repeatedly: "
                                     "recorded unreadable")
                     chunk = [(rel, size, mtime, record, _cache_line(rel, size, mtime, record))]
+                else:
+                    chunk = pickle.loads(chunk)
                 for rel, size, mtime, record, line in chunk:
                     records[rel] = record
                     cache.add(rel, size, mtime, record, line)
