@@ -69,10 +69,9 @@ def read_chunk(tasks: list[tuple[str, int, int]], secret: bytes, root: str) -> b
 
     A whole chunk is one task and one result: the hand-over of each task costs the
     client and the scheduler a few ms of CPU, and the JSON encoding is done here,
-    so the writing client spends little per file. Pickled here, as one bytes object:
-    left to Dask, the list of dicts was serialised element by element on the worker's
-    event-loop thread, which took the GIL from the next chunk's parsing (measured:
-    the same 4000 files cost 2.55 s of task time in 32 tasks, 1.86 s in one).
+    so the writing client spends little per file. Pickled here, as one bytes object
+    (one frame to send): measured on 4000 headers, 1 worker, best of 5 interleaved
+    runs, 2.80 s against 3.00 s when Dask serialised the list of records itself.
     """
     global _QUIET
     if not _QUIET:
