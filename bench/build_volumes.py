@@ -29,12 +29,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import distributed  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import build_volumes as config_lib  # noqa: E402
+from data_prep import cluster  # noqa: E402
 from data_prep.phantoms import volume_synth  # noqa: E402
 from data_prep.volumes import builder as volume_builder  # noqa: E402
 from radnet.data import schema  # noqa: E402
@@ -125,9 +125,9 @@ def main(argv):
         addresses, cluster_start = {}, {}
         for w in dask_workers:
             start = time.perf_counter()
-            local = stack.enter_context(distributed.LocalCluster(
-                n_workers=w, processes=True, threads_per_worker=1, dashboard_address=None))
-            addresses[w] = local.scheduler_address
+            # The engine's own LocalCluster (its worker settings), kept for every round.
+            eng = stack.enter_context(cluster.engine(None, w, dashboard_address=None))
+            addresses[w] = eng.client.scheduler.address
             cluster_start[w] = time.perf_counter() - start
         for _ in range(_REPEATS.value):
             wall, cpu = _bare_read(paths)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask.config
 import distributed
 import numpy as np
 import pytest
@@ -97,6 +98,26 @@ def test_unreachable_scheduler_is_one_line_and_status_2(tmp_path):
     assert len(lines) == 1 and "tcp://127.0.0.1:9" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - start < 40
     assert not (tmp_path / "o").exists()  # nothing written before the cluster answered
+
+
+def _dies_on_three(item: int) -> int:
+    if item == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # whatever worker runs it dies, every time
+    return item * 2
+
+
+def test_a_task_that_keeps_killing_workers_ends_as_worker_died():
+    """The engine under both tools: after the scheduler's allowed failures the task comes
+    back as WorkerDied (recorded by the tools as a reason), the others finish, no hang."""
+    from data_prep import cluster
+    start = time.monotonic()
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with cluster.engine(None, 2, dashboard_address=None) as eng:
+            results = dict(eng.map(_dies_on_three, list(range(6)), key="poison"))
+    assert {i: r for i, r in results.items() if i != 3} == {0: 0, 1: 2, 2: 4, 4: 8, 5: 10}
+    assert isinstance(results[3], cluster.WorkerDied)
+    assert results[3].message.startswith("worker_died:") and "2 times" in results[3].message
+    assert time.monotonic() - start < 90
 
 
 def test_worker_killed_mid_build_changes_nothing(dask_cluster, tmp_path):
