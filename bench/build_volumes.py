@@ -76,6 +76,11 @@ def _synthetic(root: str, num_series: int, n: int, size: int, pad: bool) -> tupl
     return os.path.join(root, "index"), dicom
 
 
+def _process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _bare_read(paths: list[str]) -> tuple[float, float]:
     """(wall, CPU) seconds of dcmread + pixel_array over ``paths``."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -121,13 +126,14 @@ def main(argv):
     dask_workers = [int(w) for w in _DASK_WORKERS.value.split(",") if w]
     dask_times: dict[int, list[float]] = {w: [] for w in dask_workers}
     dask_loop: dict[int, list[float]] = {w: [] for w in dask_workers}
+    dask_cpu: dict[int, list[tuple[float, float]]] = {w: [] for w in dask_workers}
     with contextlib.ExitStack() as stack:
-        addresses, cluster_start = {}, {}
+        addresses, cluster_start, engines = {}, {}, {}
         for w in dask_workers:
             start = time.perf_counter()
             # The engine's own LocalCluster (its worker settings), kept for every round.
-            eng = stack.enter_context(cluster.engine(None, w, dashboard_address=None))
-            addresses[w] = eng.client.scheduler.address
+            engines[w] = stack.enter_context(cluster.engine(None, w, dashboard_address=None))
+            addresses[w] = engines[w].client.scheduler.address
             cluster_start[w] = time.perf_counter() - start
         for _ in range(_REPEATS.value):
             wall, cpu = _bare_read(paths)
@@ -140,12 +146,15 @@ def main(argv):
             build_cpu.append(time.process_time() - cpu)
             loop_times.append(run["seconds"])
             for w in dask_workers:
-                start = time.perf_counter()
+                workers_cpu = sum(engines[w].client.run(_process_cpu).values())
+                start, cpu = time.perf_counter(), _process_cpu()
                 dask_run = volume_builder.build(index, dicom, os.path.join(scratch, f"dask_{w}"),
                                                 config, overwrite=True, progress=False,
                                                 scheduler=addresses[w])
                 dask_times[w].append(time.perf_counter() - start)
                 dask_loop[w].append(dask_run["seconds"])
+                dask_cpu[w].append((sum(engines[w].client.run(_process_cpu).values()) - workers_cpu,
+                                    _process_cpu() - cpu))
     read_s, build_s = min(read_times), min(build_times)
     _emit({"bench": "read", "files": len(paths), "series": len(series), "mb": round(total_mb, 1),
            "seconds": round(read_s, 3), "mb_per_s": round(total_mb / read_s, 1),
@@ -171,6 +180,10 @@ def main(argv):
                "ratio_per_worker_to_bare_read": round(best * w / read_s, 3),
                "loop_ratio_per_worker_to_bare_read": round(loop * w / read_s, 3),
                "target_ratio": 1.5, "cluster_start_s": round(cluster_start[w], 3),
+               # CPU seconds (all threads) of the workers, and of this process (client
+               # and scheduler), over the bare loop's: less disturbed by other jobs.
+               "workers_cpu_ratio_to_bare_read": round(min(c[0] for c in dask_cpu[w]) / min(read_cpu), 3),
+               "client_cpu_ratio_to_bare_read": round(min(c[1] for c in dask_cpu[w]) / min(read_cpu), 3),
                "all_seconds": [round(t, 3) for t in dask_times[w]]})
     if 1 in dask_workers and 2 in dask_workers:
         _emit({"bench": "build_dask_scaling",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -70,13 +71,33 @@ def _bare(full: list[str], **kwargs) -> float:
     return time.perf_counter() - t0
 
 
-def _indexed(root: str, paths: list[str], eng: cluster.Engine, secret: bytes) -> float:
+def _bare_cpu(full: list[str]) -> float:
+    t0 = _process_cpu()
+    for p in full:
+        pydicom.dcmread(p, stop_before_pixels=True)
+    return _process_cpu() - t0
+
+
+def _process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _workers_cpu(eng: cluster.Engine) -> float:
+    return sum(eng.client.run(_process_cpu).values()) if eng.client else 0.0
+
+
+def _indexed(root: str, paths: list[str], eng: cluster.Engine,
+             secret: bytes) -> tuple[float, float, float]:
+    """(wall, workers' CPU, this process's CPU) seconds of one index read."""
     with tempfile.TemporaryDirectory() as out:
         cache = reading.HeaderCache(os.path.join(out, "cache", "h.jsonl"), "bench")
-        t0 = time.perf_counter()
+        workers = _workers_cpu(eng)
+        t0, cpu = time.perf_counter(), _process_cpu()
         reading.read_all(root, paths, secret, cache, eng, chunksize=FLAGS.chunksize,
                          progress=False)
-        return time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _process_cpu() - cpu
+        return wall, _workers_cpu(eng) - workers, cpu
 
 
 def _emit(**kw) -> None:
@@ -107,17 +128,20 @@ def main(argv):
             t0 = time.perf_counter()
             engines[w] = stack.enter_context(cluster.engine(None, w, dashboard_address=None))
             cluster_start[w] = time.perf_counter() - t0
-        times: dict[str, list[float]] = {"bare": [], "bare_specific_tags": []}
+        times: dict[str, list[float]] = {"bare": [], "bare_specific_tags": [], "bare_cpu": []}
+        cpus: dict[int, list[tuple[float, float]]] = {w: [] for w in workers}
         times.update({f"index_{w}": [] for w in workers})
         first_run: dict[int, float] = {}
         for _ in range(FLAGS.repeats):
             times["bare"].append(_bare(full))
+            times["bare_cpu"].append(_bare_cpu(full))
             times["bare_specific_tags"].append(
                 _bare(full, specific_tags=dicom_headers.SPECIFIC_TAGS))
             for w in workers:
-                t = _indexed(root, paths, engines[w], secret)
+                t, workers_cpu, client_cpu = _indexed(root, paths, engines[w], secret)
                 first_run.setdefault(w, t)
                 times[f"index_{w}"].append(t)
+                cpus[w].append((workers_cpu, client_cpu))
         bare = n / min(times["bare"])
         _emit(reader="bare_dcmread", workers=1, files=n, files_per_s=round(bare, 1),
               cpus=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2))
@@ -132,8 +156,14 @@ def main(argv):
                         per_worker_vs_bare=round(rates[w] / max(w, 1) / bare, 3),
                         all_seconds=[round(t, 3) for t in times[f"index_{w}"]])
             if w > 0:
+                # CPU seconds of the workers (all threads) and of this process (client
+                # and scheduler) against the bare loop's: files per CPU-second, less
+                # disturbed by other jobs on a shared machine than wall time.
+                bare_cpu = min(times["bare_cpu"])
                 line.update(cluster_start_s=round(cluster_start[w], 3),
-                            first_run_s=round(first_run[w], 3))
+                            first_run_s=round(first_run[w], 3),
+                            workers_cpu_vs_bare=round(bare_cpu / min(c[0] for c in cpus[w]), 3),
+                            client_cpu_per_file_us=round(min(c[1] for c in cpus[w]) / n * 1e6, 1))
             _emit(**line)
         if 1 in rates and 2 in rates:
             _emit(dask_speedup_2_vs_1=round(rates[2] / rates[1], 3))

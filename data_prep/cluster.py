@@ -112,15 +112,17 @@ class Engine:
         index = {f.key: i for i, f in enumerate(futures)}
         done = distributed.as_completed(futures, loop=self.client.loop)
         del futures  # a finished task's result is released as soon as it has been read
-        last_progress = time.monotonic()
+        last_progress = next_check = time.monotonic()
         while not done.is_empty():
             batch = done.next_batch(block=False)
             if not batch:
-                if time.monotonic() - last_progress > 5.0:
+                now = time.monotonic()
+                if now > next_check:  # quiet for a while: is there still a cluster?
                     self._check_workers(last_progress)
+                    next_check = now + 5.0
                 time.sleep(_POLL_S)
                 continue
-            last_progress = time.monotonic()
+            last_progress = next_check = time.monotonic()
             for future in batch:
                 if future.status == "lost":
                     # Its result was on a worker that died before it was read: the
