@@ -17,8 +17,9 @@ A lost worker is Dask's business: the scheduler re-runs its tasks elsewhere (the
 nanny of a LocalCluster restarts the process). A task that took down more workers
 than the scheduler's ``distributed.scheduler.allowed-failures`` comes back as a
 ``WorkerDied`` value, which the caller records as a reason; nothing waits forever:
-connecting has a timeout, and a cluster left without workers for
-``no_workers_timeout_s`` ends the run with a ``ClusterError``.
+connecting has a timeout, and a cluster left without workers while no task finished for
+``NO_WORKERS_TIMEOUT_S`` ends the run with a ``ClusterError``. The LocalCluster runs one
+task per worker at a time and leaves glibc's malloc settings alone (see ``engine``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Index a DICOM archive: read every header once, group slices into series, mine labels.
 
     python -m data_prep.index --dicom_root=DIR --out=OUT [--workers=N | --scheduler=tcp://HOST:PORT] \\
-        [--[no]progress] \\
-        [--collections=collections.csv] [--overrides=overrides.csv] \\
+        [--[no]progress] [--collections=collections.csv] [--overrides=overrides.csv] \\
         [--config=configs/index.py] [--salt_file=~/.config/radnet/salt]
 
 Writes OUT/files.csv, OUT/series.csv, OUT/review.csv and OUT/summary.json
@@ -12,9 +11,9 @@ PACS export: docs/index.md).
 Headers are read as Dask tasks (pixel data never; data_prep/cluster.py): on a
 LocalCluster of ``--workers`` processes, or on the cluster of ``--scheduler``
 (docs/scale.md). Each record is appended to OUT/cache/headers.jsonl by this process
-as it arrives, and a re-run reads again only
-files whose (path, size, mtime) changed, so a killed run continues where it
-stopped and a re-run on an unchanged tree parses nothing. The cache holds keyed
+as it arrives, and a re-run reads again only files whose (path, size, mtime) changed,
+so a killed run continues where it stopped and a re-run on an unchanged tree parses
+nothing. The cache holds keyed
 hashes, never raw identifiers, and is discarded when the salt or the reader changes.
 
 Modules: salt (the keyed-hash secret), reading (walk, header tasks, HeaderCache),
