@@ -8,6 +8,10 @@
 2. ``build``: the real build (in this process, like the bare loop, so the ratio compares
    like with like): series/s, MB/s of DICOM read, and ratio = build time / bare read time
    (target ≤ 1.5: resizing, normalising and writing must not dominate).
+   ``build_dask``: the same build as Dask tasks on a LocalCluster of N worker processes
+   (``--dask_workers``, each cluster started once before the rounds, joined with
+   ``scheduler=``, as a build on a running cluster does): the ratio per worker
+   (time × N / bare read time) and the speed-up of 2 workers over 1.
 3. ``codec``: the built volumes written with each codec of radnet.data.schema: bytes per
    volume, compression ratio, write and read throughput (volumes/s, read in random order).
 Both timed loops run after a warm-up pass, so the page cache holds the files for both.
@@ -15,6 +19,7 @@ Both timed loops run after a warm-up pass, so the page cache holds the files for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -29,6 +34,7 @@ import pydicom  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import build_volumes as config_lib  # noqa: E402
+from data_prep import cluster  # noqa: E402
 from data_prep.phantoms import volume_synth  # noqa: E402
 from data_prep.volumes import builder as volume_builder  # noqa: E402
 from radnet.data import schema  # noqa: E402
@@ -43,6 +49,8 @@ _PADDING = flags.DEFINE_bool("padding", False, "Synthetic archive: GE-style Pixe
 _CONFIG_ARG = flags.DEFINE_string("config_arg", "", "Argument of configs/build_volumes.py.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats of read and build (best counts).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch folder (default: a temporary one).")
+_DASK_WORKERS = flags.DEFINE_string("dask_workers", "1,2", "LocalCluster sizes to time the "
+                                    "Dask path with ('' for none).")
 
 
 def _emit(record: dict) -> None:
@@ -66,6 +74,11 @@ def _synthetic(root: str, num_series: int, n: int, size: int, pad: bool) -> tupl
         series.append({"series_key": f"{k:016x}", "paths": paths})
     volume_synth.write_index(os.path.join(root, "index"), dicom, series)
     return os.path.join(root, "index"), dicom
+
+
+def _process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _bare_read(paths: list[str]) -> tuple[float, float]:
@@ -110,16 +123,38 @@ def main(argv):
     # (creating the arrays) and finalize (labels, manifest), which an archive of
     # thousands of series amortises.
     read_times, read_cpu, build_times, build_cpu, loop_times = [], [], [], [], []
-    for _ in range(_REPEATS.value):
-        wall, cpu = _bare_read(paths)
-        read_times.append(wall)
-        read_cpu.append(cpu)
-        start, cpu = time.perf_counter(), time.process_time()
-        run = volume_builder.build(index, dicom, out, config, workers=0, overwrite=True,
-                                   progress=False)
-        build_times.append(time.perf_counter() - start)
-        build_cpu.append(time.process_time() - cpu)
-        loop_times.append(run["seconds"])
+    dask_workers = [int(w) for w in _DASK_WORKERS.value.split(",") if w]
+    dask_times: dict[int, list[float]] = {w: [] for w in dask_workers}
+    dask_loop: dict[int, list[float]] = {w: [] for w in dask_workers}
+    dask_cpu: dict[int, list[tuple[float, float]]] = {w: [] for w in dask_workers}
+    with contextlib.ExitStack() as stack:
+        addresses, cluster_start, engines = {}, {}, {}
+        for w in dask_workers:
+            start = time.perf_counter()
+            # The engine's own LocalCluster (its worker settings), kept for every round.
+            engines[w] = stack.enter_context(cluster.engine(None, w, dashboard_address=None))
+            addresses[w] = engines[w].client.scheduler.address
+            cluster_start[w] = time.perf_counter() - start
+        for _ in range(_REPEATS.value):
+            wall, cpu = _bare_read(paths)
+            read_times.append(wall)
+            read_cpu.append(cpu)
+            start, cpu = time.perf_counter(), time.process_time()
+            run = volume_builder.build(index, dicom, out, config, workers=0, overwrite=True,
+                                       progress=False)
+            build_times.append(time.perf_counter() - start)
+            build_cpu.append(time.process_time() - cpu)
+            loop_times.append(run["seconds"])
+            for w in dask_workers:
+                workers_cpu = sum(engines[w].client.run(_process_cpu).values())
+                start, cpu = time.perf_counter(), _process_cpu()
+                dask_run = volume_builder.build(index, dicom, os.path.join(scratch, f"dask_{w}"),
+                                                config, overwrite=True, progress=False,
+                                                scheduler=addresses[w])
+                dask_times[w].append(time.perf_counter() - start)
+                dask_loop[w].append(dask_run["seconds"])
+                dask_cpu[w].append((sum(engines[w].client.run(_process_cpu).values()) - workers_cpu,
+                                    _process_cpu() - cpu))
     read_s, build_s = min(read_times), min(build_times)
     _emit({"bench": "read", "files": len(paths), "series": len(series), "mb": round(total_mb, 1),
            "seconds": round(read_s, 3), "mb_per_s": round(total_mb / read_s, 1),
@@ -137,6 +172,23 @@ def main(argv):
            # kept buffers plus one series; bounded by the largest series, not by N.
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "all_seconds": [round(t, 3) for t in build_times]})
+
+    for w in dask_workers:
+        best, loop = min(dask_times[w]), min(dask_loop[w])
+        _emit({"bench": "build_dask", "workers": w, "series": len(series),
+               "seconds": round(best, 3), "series_per_s": round(len(series) / best, 3),
+               "ratio_per_worker_to_bare_read": round(best * w / read_s, 3),
+               "loop_ratio_per_worker_to_bare_read": round(loop * w / read_s, 3),
+               "target_ratio": 1.5, "cluster_start_s": round(cluster_start[w], 3),
+               # CPU seconds (all threads) of the workers, and of this process (client
+               # and scheduler), over the bare loop's: less disturbed by other jobs.
+               "workers_cpu_ratio_to_bare_read": round(min(c[0] for c in dask_cpu[w]) / min(read_cpu), 3),
+               "client_cpu_ratio_to_bare_read": round(min(c[1] for c in dask_cpu[w]) / min(read_cpu), 3),
+               "all_seconds": [round(t, 3) for t in dask_times[w]]})
+    if 1 in dask_workers and 2 in dask_workers:
+        _emit({"bench": "build_dask_scaling",
+               "speedup_2_vs_1": round(min(dask_times[1]) / min(dask_times[2]), 3),
+               "loop_speedup_2_vs_1": round(min(dask_loop[1]) / min(dask_loop[2]), 3)})
 
     volumes = schema.open_arrays(out, names=("volume",))["volume"].read().result()
     raw_bytes = volumes[0].nbytes

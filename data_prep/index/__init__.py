@@ -1,20 +1,22 @@
 """Index a DICOM archive: read every header once, group slices into series, mine labels.
 
-    python -m data_prep.index --dicom_root=DIR --out=OUT [--workers=N] [--[no]progress] \\
-        [--collections=collections.csv] [--overrides=overrides.csv] \\
+    python -m data_prep.index --dicom_root=DIR --out=OUT [--workers=N | --scheduler=tcp://HOST:PORT] \\
+        [--[no]progress] [--collections=collections.csv] [--overrides=overrides.csv] \\
         [--config=configs/index.py] [--salt_file=~/.config/radnet/salt]
 
 Writes OUT/files.csv, OUT/series.csv, OUT/review.csv and OUT/summary.json
 (formats: docs/interfaces.md; rules: radnet/rules.py; how to run it on a
 PACS export: docs/index.md).
 
-Headers are read in ``--workers`` processes (pixel data never), each record is
-appended to OUT/cache/headers.jsonl as it arrives, and a re-run reads again only
-files whose (path, size, mtime) changed, so a killed run continues where it
-stopped and a re-run on an unchanged tree parses nothing. The cache holds keyed
+Headers are read as Dask tasks (pixel data never; data_prep/cluster.py): on a
+LocalCluster of ``--workers`` processes, or on the cluster of ``--scheduler``
+(docs/scale.md). Each record is appended to OUT/cache/headers.jsonl by this process
+as it arrives, and a re-run reads again only files whose (path, size, mtime) changed,
+so a killed run continues where it stopped and a re-run on an unchanged tree parses
+nothing. The cache holds keyed
 hashes, never raw identifiers, and is discarded when the salt or the reader changes.
 
-Modules: salt (the keyed-hash secret), reading (walk, worker pool, HeaderCache),
+Modules: salt (the keyed-hash secret), reading (walk, header tasks, HeaderCache),
 series (grouping slices into series, geometry, labels), outputs (columns, split,
 overrides, CSV files, summary); ``run_index`` below runs them in order.
 """
@@ -25,23 +27,32 @@ import os
 
 from absl import logging
 
+from data_prep import cluster
 from data_prep.index import outputs, reading, salt, series
 
 
-def run_index(dicom_root: str, out: str, cfg, workers: int = 1,
+def run_index(dicom_root: str, out: str, cfg, workers: int = 0,
               salt_file: str = salt.DEFAULT_SALT_FILE, collections_csv: str | None = None,
-              overrides_csv: str | None = None, progress: bool = True) -> dict:
-    """The whole index; returns the summary (also written to OUT/summary.json)."""
+              overrides_csv: str | None = None, progress: bool = True,
+              scheduler: str | None = None,
+              connect_timeout_s: float = cluster.CONNECT_TIMEOUT_S) -> dict:
+    """The whole index; returns the summary (also written to OUT/summary.json).
+
+    Headers are read on the Dask cluster at ``scheduler`` (or DASK_SCHEDULER_ADDRESS),
+    else on a LocalCluster of ``workers`` processes, else (0) in this process.
+    """
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"--dicom_root {dicom_root!r} is not a directory")
-    os.makedirs(out, exist_ok=True)
-    secret = salt.load_salt(salt_file)
-    collections_table = series.load_collections(collections_csv)
-    paths = reading.walk(dicom_root, skip=[out])
-    cache = reading.HeaderCache(os.path.join(out, "cache", "headers.jsonl"),
-                                salt.salt_fingerprint(secret))
-    records = reading.read_all(dicom_root, paths, secret, cache, workers, cfg.chunksize,
-                               cfg.cache_flush_s, progress)
+    # The cluster first: an unreachable scheduler fails before the tree is walked.
+    with cluster.engine(scheduler, workers, connect_timeout_s=connect_timeout_s) as eng:
+        os.makedirs(out, exist_ok=True)
+        secret = salt.load_salt(salt_file)
+        collections_table = series.load_collections(collections_csv)
+        paths = reading.walk(dicom_root, skip=[out])
+        cache = reading.HeaderCache(os.path.join(out, "cache", "headers.jsonl"),
+                                    salt.salt_fingerprint(secret))
+        records = reading.read_all(dicom_root, paths, secret, cache, eng, cfg.chunksize,
+                                   cfg.cache_flush_s, progress)
     series_rows, file_key, review_rows = series.build_series(records, secret, cfg,
                                                              collections_table)
     outputs.assign_splits(series_rows, cfg)

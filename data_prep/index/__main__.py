@@ -7,7 +7,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data_prep import index
+from data_prep import cluster, index
 from data_prep.index import outputs, salt
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,7 +21,8 @@ def define_flags():
     module next to the other data_prep tools never clashes on shared names (--out, --workers)."""
     flags.DEFINE_string("dicom_root", None, "Root of the DICOM tree (any layout, any file names).")
     flags.DEFINE_string("out", None, "Output folder (files.csv, series.csv, review.csv, summary.json).")
-    flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Header-reading processes.")
+    cluster.define_flags(flags, max(1, (os.cpu_count() or 2) - 1), "Header-reading")
+    flags.adopt_module_key_flags(cluster)  # --help lists them with this tool\'s own
     flags.DEFINE_string("collections", None, "Optional collections.csv: collection,regions.")
     flags.DEFINE_string("overrides", None, "Optional overrides.csv: series_key,column,value.")
     flags.DEFINE_string("salt_file", salt.DEFAULT_SALT_FILE,
@@ -34,9 +35,13 @@ def main(argv):
     del argv
     if not FLAGS.dicom_root or not FLAGS.out:
         raise app.UsageError("--dicom_root and --out are required")
-    summary = index.run_index(FLAGS.dicom_root, FLAGS.out, FLAGS.config, FLAGS.workers,
-                              FLAGS.salt_file, FLAGS.collections, FLAGS.overrides,
-                              FLAGS.progress)
+    try:
+        summary = index.run_index(FLAGS.dicom_root, FLAGS.out, FLAGS.config, FLAGS.workers,
+                                  FLAGS.salt_file, FLAGS.collections, FLAGS.overrides,
+                                  FLAGS.progress, scheduler=FLAGS.scheduler,
+                                  connect_timeout_s=FLAGS.connect_timeout_s)
+    except cluster.ClusterError as err:
+        cluster.exit_with_error(str(err))
     print(outputs.format_summary(summary))
     logging.info("wrote %s", FLAGS.out)
 

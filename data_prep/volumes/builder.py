@@ -1,24 +1,29 @@
-"""Orchestration of the volume build: index → tasks → worker pool → dataset.
+"""Orchestration of the volume build: index → series tasks on Dask → dataset.
 
 Crash safety rests on one ordering: a series' *done marker*
 ``DATASET/_build/done/<index>.json`` (its outcome: status, reason, measured geometry) is
 written only after TensorStore reported its volume chunk write complete. A re-run lists
 the markers and redoes every series without one, overwriting whatever partial chunk a
 killed run may have left. Markers are one small key per series, so they work on every
-kvstore (local files, gs://, s3://) and shards never append to a shared file.
+kvstore (local files, gs://, s3://) and workers on many machines never append to a
+shared file.
 
-Each worker writes its chunks and markers itself, one write in flight: while TensorStore
-compresses and writes (and fsyncs) series k on its own threads, the worker already
-decodes series k+1; before it starts the next write it waits for series k's chunk, then
-writes k's marker. The last write is completed when the worker exits (a finalizer), so
-the coordinator reads every marker after the pool has joined. A worker killed with a
-write in flight leaves no marker for it: that series is redone.
+Each series is one Dask task (data_prep/cluster.py). A worker writes its chunks and
+markers itself, one write in flight: while TensorStore compresses and writes (and
+fsyncs) series k on its own threads, the worker already decodes series k+1; before it
+starts the next write it waits for series k's chunk, then writes k's marker. When the
+run's tasks are done, every worker completes its last write (``flush_worker``), and the
+client reads the markers. A worker lost with a write in flight (killed, its machine
+gone) leaves no marker for it, although its task had finished: the client builds such
+series again in a next round. A series whose task killed its worker each time it ran
+(Dask's allowed-failures) gets a marker written by the client (decode_failed,
+"worker_died: ..."), so the run ends.
 
-The label arrays and manifest.csv are written once, by whichever process finds every
-marker present ("finalize"): they are a pure function of the index and the markers, so
-a repeated or concurrent finalize writes identical bytes, and no two workers ever
-read-modify-write a shared label chunk. Until then every label reads as unknown and
-every split as -1, so a trainer can never use a half-built dataset by mistake.
+The label arrays and manifest.csv are written once, by the client, when every marker is
+present ("finalize"): they are a pure function of the index and the markers, so a
+repeated finalize writes identical bytes, and no two workers ever read-modify-write a
+shared label chunk. Until then every label reads as unknown and every split as -1, so a
+trainer can never use a half-built dataset by mistake.
 """
 
 from __future__ import annotations
@@ -29,10 +34,9 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
-import multiprocessing.util
 import os
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -40,6 +44,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
+from data_prep import cluster
 from radnet import preprocess
 from radnet import labels
 from radnet.data import schema
@@ -117,18 +122,21 @@ def load_index(index_dir: str) -> tuple[list[dict], dict[str, list[str]], str]:
     return series, files, digest.hexdigest()
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard={text}: need 0 <= i < n")
-    return i, n
-
-
 # ----------------------------------------------------------------------------- worker
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every series task of one build shares (sent with each task, small)."""
+    run_id: str  # a fresh id per build call: handles are reopened for each run
+    out: str
+    dicom_root: str
+    options: preprocess.VolumeOptions
+    fsync: bool
+
+
+# Per worker process, kept from task to task: the open arrays of the current run, its
+# done-marker store, the write in flight, and the scratch buffers (kept across runs
+# with the same options, like a long-lived worker of a cluster would want).
 _WORKER: dict[str, Any] = {}
 
 
@@ -142,23 +150,24 @@ def _context(fsync: bool) -> ts.Context:
     return ts.Context({"file_io_sync": bool(fsync)})
 
 
-def _init_worker(out: str, dicom_root: str, options: preprocess.VolumeOptions,
-                 fsync: bool = True, finalizer: bool = True) -> None:
-    context = _context(fsync)
-    _WORKER["volume"] = schema.open_arrays(out, names=("volume",), read_only=False,
-                                           context=context)["volume"]
-    _WORKER["markers"] = _kvstore(out, BUILD_PREFIX, context)
-    _WORKER["dicom_root"] = dicom_root
-    _WORKER["options"] = options
-    _WORKER["workspace"] = preprocess.Workspace(options)  # buffers kept across series
-    _WORKER["pending"] = None  # (chunk write future, outcome) of the series in flight
-    if finalizer:
-        # A pool worker completes its last write when it exits normally (pool.close()).
-        multiprocessing.util.Finalize(None, flush_worker, exitpriority=10)
+def _state(run: Run) -> dict[str, Any]:
+    if _WORKER.get("run_id") != run.run_id:
+        flush_worker()  # another run's last write (its run normally flushed it already)
+        context = _context(run.fsync)
+        _WORKER["volume"] = schema.open_arrays(run.out, names=("volume",), read_only=False,
+                                               context=context)["volume"]
+        _WORKER["markers"] = _kvstore(run.out, BUILD_PREFIX, context)
+        if _WORKER.get("options") != run.options:
+            _WORKER["workspace"] = preprocess.Workspace(run.options)  # buffers kept across series
+        _WORKER.update(run_id=run.run_id, dicom_root=run.dicom_root, options=run.options,
+                       pending=None)  # pending: (chunk write future, outcome) in flight
+    return _WORKER
 
 
 def flush_worker() -> None:
-    """Waits for the write in flight, then writes its done marker (never before)."""
+    """Waits for the write in flight, then writes its done marker (never before).
+
+    Called before each next write, and on every worker when the run's tasks are done."""
     pending, _WORKER["pending"] = _WORKER.get("pending"), None
     if pending is None:
         return
@@ -191,19 +200,23 @@ def _bytes(paths: list[str]) -> int:
     return total
 
 
-def _work(task: Task) -> dict:
-    """Builds one series and starts its chunk write; the marker follows its completion.
+def _outcome(task: Task, bytes_read: int = 0) -> dict:
+    return {"index": task.index, "series_key": task.series_key, "status": "included",
+            "reason": "", "message": "", "n_slices": None, "rows": None, "columns": None,
+            "slice_spacing_mm": None, "effective_spacing_mm": None, "bytes_read": bytes_read}
+
+
+def build_series(task: Task, run: Run) -> dict:
+    """Builds one series and starts its chunk write; the marker follows its completion (a Dask task).
 
     Returns the outcome (for progress and the run summary) while the write may still
     be in flight; durability is recorded by the marker alone.
     """
-    options: preprocess.VolumeOptions = _WORKER["options"]
-    root = _WORKER["dicom_root"]
+    state = _state(run)
+    options: preprocess.VolumeOptions = state["options"]
+    root = state["dicom_root"]
     abs_paths = [os.path.join(root, *p.split("/")) for p in task.paths]
-    outcome = {"index": task.index, "series_key": task.series_key, "status": "included",
-               "reason": "", "message": "", "n_slices": None, "rows": None, "columns": None,
-               "slice_spacing_mm": None, "effective_spacing_mm": None,
-               "bytes_read": _bytes(abs_paths)}
+    outcome = _outcome(task, _bytes(abs_paths))
     built = None
     try:
         if not abs_paths:
@@ -212,7 +225,7 @@ def _work(task: Task) -> dict:
             raise preprocess.SeriesError("decode_failed", "files.csv lists no included file "
                                           "for this series")
         built = preprocess.build_volume(abs_paths, options, orientation=task.orientation,
-                                         workspace=_WORKER["workspace"])
+                                         workspace=state["workspace"])
     except preprocess.SeriesError as err:
         outcome.update(status="excluded", reason=err.reason,
                        message=_scrub(err.message, abs_paths, root), **err.info)
@@ -224,11 +237,11 @@ def _work(task: Task) -> dict:
     flush_worker()
     chunk = None
     if outcome["status"] == "included":
-        chunk = _WORKER["volume"][task.index].write(built.volume)
+        chunk = state["volume"][task.index].write(built.volume)
         outcome.update(n_slices=built.n_slices, rows=built.rows, columns=built.columns,
                        slice_spacing_mm=built.slice_spacing_mm,
                        effective_spacing_mm=built.effective_spacing_mm)
-    _WORKER["pending"] = (chunk, outcome)
+    state["pending"] = (chunk, outcome)
     return outcome
 
 
@@ -318,75 +331,91 @@ def _prepare_dataset(out: str, n: int, config, fingerprint: str, overwrite: bool
         logging.warning("Overwriting the dataset in %s", out)
         _kvstore(out).delete_range(ts.KvStore.KeyRange("_build/", "_build0")).result()
     # Without --overwrite this opens or creates, so a resume after a kill during creation
-    # completes it, and shards starting together never delete each other's chunks.
+    # completes it.
     schema.create(out, n, volume_shape=tuple(config.volume_shape), codec=config.codec,
                   attributes={"build": build_attrs}, overwrite=overwrite)
 
 
-def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
-          shard: tuple[int, int] = (0, 1), overwrite: bool = False,
-          progress: bool = True) -> dict:
-    """Builds (or resumes) this shard's part of the dataset; finalizes when all is done.
+_ROUNDS = 3  # task rounds per run; a later round redoes series that ended without a marker
 
-    Returns a summary: this run's counts and timing, plus ``finalized`` and, when
-    finalized, the dataset summary.
+
+def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
+          overwrite: bool = False, progress: bool = True,
+          scheduler: str | None = None,
+          connect_timeout_s: float = cluster.CONNECT_TIMEOUT_S) -> dict:
+    """Builds (or resumes) the dataset on Dask, then finalizes it.
+
+    Series are Dask tasks on the cluster at ``scheduler`` (or DASK_SCHEDULER_ADDRESS),
+    else on a LocalCluster of ``workers`` processes, else (0) in this process. Returns a
+    summary: this run's counts and timing, ``finalized`` and the dataset summary.
     """
     series, files, fingerprint = load_index(index_dir)
     if not series:
         raise ValueError(f"{index_dir}/series.csv has no included series")
-    shard_i, shard_n = shard
-    _prepare_dataset(out, len(series), config, fingerprint, overwrite)
-    done = read_markers(out)
-    tasks = [Task(i, row["series_key"], tuple(files[row["series_key"]]),
-                  parse_orientation(row.get("orientation")))
-             for i, row in enumerate(series)
-             if i % shard_n == shard_i and i not in done]
-    logging.info("%d series in the index; shard %d/%d has %d left to build (%d already done)",
-                 len(series), shard_i, shard_n, len(tasks), len(done))
-    options = options_from_config(config)
-    fsync = bool(config.fsync)
-    start = time.perf_counter()
-    outcomes: list[dict] = []
-    if tasks:
-        from tqdm import tqdm
-        bar = tqdm(total=len(tasks), unit="series", disable=not progress, desc="volumes")
-        if workers <= 0:
-            _init_worker(out, dicom_root, options, fsync, finalizer=False)
-            results = map(_work, tasks)
-            pool = None
-        else:
-            # spawn: TensorStore runs threads, and forking a threaded parent can deadlock.
-            pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(out, dicom_root, options, fsync))
-            results = pool.imap_unordered(_work, tasks, chunksize=1)
-        try:
-            for outcome in results:
-                outcomes.append(outcome)
-                if outcome["status"] != "included":
-                    logging.warning("series %d (%s): %s: %s", outcome["index"],
-                                    outcome["series_key"][:12], outcome["reason"], outcome["message"])
-                bar.update(1)
-            if pool is None:
-                flush_worker()
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.close()  # workers finish their last write and marker as they exit
-                pool.join()
+    all_tasks = [Task(i, row["series_key"], tuple(files[row["series_key"]]),
+                      parse_orientation(row.get("orientation")))
+                 for i, row in enumerate(series)]
+    # Absolute, so that workers started elsewhere (another cwd) find the same files.
+    local = "://" not in out
+    run = Run(uuid.uuid4().hex, os.path.abspath(out) if local else out,
+              os.path.abspath(dicom_root), options_from_config(config), bool(config.fsync))
+    outcomes: dict[int, dict] = {}
+    # The cluster first: an unreachable scheduler fails before anything is written.
+    with cluster.engine(scheduler, workers, connect_timeout_s=connect_timeout_s) as eng:
+        start = time.perf_counter()
+        _prepare_dataset(out, len(series), config, fingerprint, overwrite)
+        done = read_markers(out)
+        logging.info("%d series in the index; %d left to build (%d already done)",
+                     len(series), len(series) - len(done), len(done))
+        for round_ in range(_ROUNDS):
+            tasks = [t for t in all_tasks if t.index not in done]
+            if not tasks:
+                break
+            if round_:
+                logging.warning("%d series ended without their done marker (a worker was "
+                                "lost with the write in flight): building them again", len(tasks))
+            _run_tasks(eng, tasks, run, outcomes, progress)
+            eng.on_each_worker(flush_worker)  # every worker's last write and marker
+            done = read_markers(out)
     seconds = time.perf_counter() - start
-    run = {"shard": f"{shard_i}/{shard_n}", "series_this_run": len(outcomes),
-           "built_this_run": sum(o["status"] == "included" for o in outcomes),
-           "seconds": round(seconds, 3),
-           "series_per_s": round(len(outcomes) / seconds, 3) if outcomes and seconds > 0 else None,
-           "mb_read_per_s": round(sum(o["bytes_read"] for o in outcomes) / 1e6 / seconds, 3)
-           if outcomes and seconds > 0 else None}
-    done = read_markers(out)
+    finished = list(outcomes.values())
+    summary = {"series_this_run": len(finished),
+               "built_this_run": sum(o["status"] == "included" for o in finished),
+               "seconds": round(seconds, 3),
+               "series_per_s": round(len(finished) / seconds, 3) if finished and seconds > 0 else None,
+               "mb_read_per_s": round(sum(o["bytes_read"] for o in finished) / 1e6 / seconds, 3)
+               if finished and seconds > 0 else None}
     if len(done) == len(series):
-        run["finalized"] = True
-        run["dataset"] = finalize(out, series, done)
+        summary["finalized"] = True
+        summary["dataset"] = finalize(out, series, done)
     else:
-        run["finalized"] = False
-        logging.info("%d of %d series done; the last shard to finish writes the labels and "
-                     "manifest (re-running any shard also does)", len(done), len(series))
-    logging.info("summary: %s", json.dumps(run, sort_keys=True))
-    return run
+        summary["finalized"] = False
+        logging.error("%d of %d series have no done marker after %d rounds; run the same "
+                      "command again to build them", len(series) - len(done), len(series), _ROUNDS)
+    logging.info("summary: %s", json.dumps(summary, sort_keys=True))
+    return summary
+
+
+def _run_tasks(eng: cluster.Engine, tasks: list[Task], run: Run, outcomes: dict[int, dict],
+               progress: bool) -> None:
+    from tqdm import tqdm
+
+    markers = None
+    bar = tqdm(total=len(tasks), unit="series", disable=not progress, desc="volumes")
+    try:
+        for i, outcome in eng.map(build_series, tasks, key="series", run=run):
+            if isinstance(outcome, cluster.WorkerDied):
+                # Building it killed every worker it ran on: recorded (by this process,
+                # the marker's only writer then), so the run ends and a re-run agrees.
+                outcome = _outcome(tasks[i]) | {"status": "excluded", "reason": "decode_failed",
+                                                "message": outcome.message}
+                markers = markers or _kvstore(run.out, BUILD_PREFIX, _context(run.fsync))
+                markers.write(_marker_key(outcome["index"]),
+                              json.dumps(outcome, sort_keys=True).encode()).result()
+            outcomes[outcome["index"]] = outcome
+            if outcome["status"] != "included":
+                logging.warning("series %d (%s): %s: %s", outcome["index"],
+                                outcome["series_key"][:12], outcome["reason"], outcome["message"])
+            bar.update(1)
+    finally:
+        bar.close()

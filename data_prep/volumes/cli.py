@@ -9,6 +9,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data_prep import cluster
+
 FLAGS = flags.FLAGS
 
 
@@ -18,9 +20,8 @@ def define_flags():
     flags.DEFINE_string("index", None, "Index folder written by data_prep.index (files.csv, series.csv).")
     flags.DEFINE_string("dicom_root", None, "Root the index's file paths are relative to.")
     flags.DEFINE_string("out", None, "Dataset path or kvstore URL (gs://…, s3://…).")
-    flags.DEFINE_integer("workers", os.cpu_count() or 1,
-                         "Worker processes (0: build in this process).")
-    flags.DEFINE_string("shard", "0/1", "i/n: build every n-th series starting at i.")
+    cluster.define_flags(flags, os.cpu_count() or 1, "Volume-building")
+    flags.adopt_module_key_flags(cluster)  # --help lists them with this tool\'s own
     flags.DEFINE_bool("overwrite", False,
                       "Replace a dataset built from another index or config.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -40,9 +41,14 @@ def main(argv):
     from data_prep.volumes import builder
 
     config = FLAGS.config if FLAGS.config is not None else default_config.get_config()
-    summary = builder.build(
-        FLAGS.index, FLAGS.dicom_root, FLAGS.out, config, workers=FLAGS.workers,
-        shard=builder.parse_shard(FLAGS.shard), overwrite=FLAGS.overwrite,
-        progress=FLAGS.progress)
+    try:
+        summary = builder.build(
+            FLAGS.index, FLAGS.dicom_root, FLAGS.out, config, workers=FLAGS.workers,
+            overwrite=FLAGS.overwrite, progress=FLAGS.progress, scheduler=FLAGS.scheduler,
+            connect_timeout_s=FLAGS.connect_timeout_s)
+    except cluster.ClusterError as err:
+        cluster.exit_with_error(str(err))
     print(json.dumps(summary, sort_keys=True))
+    if not summary["finalized"]:
+        raise SystemExit(1)  # the log said which series are left; a re-run builds them
     logging.info("done")

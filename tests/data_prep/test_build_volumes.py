@@ -1,4 +1,4 @@
-"""data_prep.build_volumes: the dataset, manifest and reasons, shards, resume after kill -9,
+"""data_prep.build_volumes: the dataset, manifest and reasons, resume on a LocalCluster and after kill -9,
 and the phantom PACS end to end (index → volumes equal to the phantom's reference).
 
 The expected volumes are computed independently of the builder
@@ -129,23 +129,27 @@ def test_multi_stack_file_builds_the_series_of_its_index_row(tmp_path):
     assert run["dataset"]["built"] == 1 and "files.csv lists no included file" in errors
 
 
-def test_shards_and_resume_reproduce_single_build(tmp_path):
+def test_resume_on_a_local_cluster_reproduces_single_build(tmp_path):
     make_archive(tmp_path, num_series=5, n_slices=10)
     index, dicom = str(tmp_path / "index"), str(tmp_path / "dicom")
     volume_builder.build(index, dicom, str(tmp_path / "one"), tiny_config(), progress=False)
-    sharded = str(tmp_path / "sharded")
-    first = volume_builder.build(index, dicom, sharded, tiny_config(), shard=(0, 2), progress=False)
-    assert not first["finalized"]
-    # Before the last shard finishes, nothing is usable for training.
-    assert np.all(schema.read_labels(sharded)["split"] == -1)
-    second = volume_builder.build(index, dicom, sharded, tiny_config(), shard=(1, 2), workers=2,
-                                  progress=False)
+    pooled = tmp_path / "pooled"
+    first = volume_builder.build(index, dicom, str(pooled), tiny_config(), workers=2,
+                                 progress=False)  # a LocalCluster of 2 processes
+    assert first["finalized"] and first["series_this_run"] == 5
+    assert_same(read_dataset(tmp_path / "one"), read_dataset(pooled))
+    # Two series without their done marker (as if their worker was lost with the
+    # write in flight): only they are built again, and the dataset is the same.
+    for i in (1, 3):
+        (pooled / "_build" / "done" / f"{i:09d}.json").unlink()
+    second = volume_builder.build(index, dicom, str(pooled), tiny_config(), progress=False)
     assert second["finalized"] and second["series_this_run"] == 2
-    assert_same(read_dataset(tmp_path / "one"), read_dataset(sharded))
-    again = volume_builder.build(index, dicom, sharded, tiny_config(), progress=False)
+    assert_same(read_dataset(tmp_path / "one"), read_dataset(pooled))
+    again = volume_builder.build(index, dicom, str(pooled), tiny_config(), progress=False)
     assert again["series_this_run"] == 0
     with pytest.raises(ValueError, match="--overwrite"):
-        volume_builder.build(index, dicom, sharded, tiny_config(normalise="percentile"), progress=False)
+        volume_builder.build(index, dicom, str(pooled), tiny_config(normalise="percentile"),
+                             progress=False)
 
 
 def test_kill_minus_9_then_rerun_gives_identical_dataset(tmp_path):
@@ -170,6 +174,8 @@ def test_kill_minus_9_then_rerun_gives_identical_dataset(tmp_path):
     done_at_kill = len(list(markers.glob("*.json")))  # not TensorStore's temporary files
     assert 3 <= done_at_kill < 24
     assert not (out / "manifest.csv").exists()
+    # Before every series is done, nothing is usable for training.
+    assert np.all(schema.read_labels(str(out))["split"] == -1)
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
@@ -199,7 +205,7 @@ def real_index(archive: Path, index_dir: Path) -> tuple[list[dict], list[dict]]:
     salt.write_text("volume-builder-test-salt-0123456789\n")
     proc = subprocess.run(
         [sys.executable, "-m", "data_prep.index", f"--dicom_root={archive / 'dicom'}",
-         f"--out={index_dir}", "--workers=1", f"--salt_file={salt}", "--noprogress",
+         f"--out={index_dir}", "--workers=0", f"--salt_file={salt}", "--noprogress",
          f"--collections={archive / 'collections.csv'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -34,7 +34,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def run(root, out, salt, workers=1, **kw):
+def run(root, out, salt, workers=0, **kw):
     cfg = kw.pop("cfg", None) or index_config.get_config()
     summary = index.run_index(str(root), str(out), cfg, workers=workers, salt_file=salt,
                               progress=False, **kw)
