@@ -30,6 +30,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
                                       "--coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 "
                                    "(with --coordinator_address).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error (a missing "
+                           "path, a config the run cannot honour) instead of one line.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False,
     "Print the resolved config (after --config.<field>=value overrides) and the task it "
@@ -85,7 +87,18 @@ def main(argv):
         print(f"radnet: {e}", file=sys.stderr)
         return 2
     logging.info("task %s, workdir %s", config.task, _WORKDIR.value)
-    return task_fn(config, _WORKDIR.value)
+    from radnet.train import checkpoint, loop  # noqa: PLC0415  (after distributed start-up)
+
+    try:
+        return task_fn(config, _WORKDIR.value)
+    except (FileNotFoundError, NotADirectoryError, checkpoint.MismatchError,
+            loop.ConfigError) as e:
+        # A missing input, weights that do not fit, a config the run cannot honour: the
+        # user's to fix, said in one line (the traceback with --debug).
+        if _DEBUG.value:
+            raise
+        print(f"radnet: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main(argv):
                                   FLAGS.salt_file, FLAGS.collections, FLAGS.overrides,
                                   FLAGS.progress, scheduler=FLAGS.scheduler,
                                   connect_timeout_s=FLAGS.connect_timeout_s)
-    except cluster.ClusterError as err:
+    except (cluster.ClusterError, FileNotFoundError, NotADirectoryError) as err:
         cluster.exit_with_error(str(err))
     print(outputs.format_summary(summary))
     logging.info("wrote %s", FLAGS.out)

@@ -46,7 +46,7 @@ def main(argv):
             FLAGS.index, FLAGS.dicom_root, FLAGS.out, config, workers=FLAGS.workers,
             overwrite=FLAGS.overwrite, progress=FLAGS.progress, scheduler=FLAGS.scheduler,
             connect_timeout_s=FLAGS.connect_timeout_s)
-    except cluster.ClusterError as err:
+    except (cluster.ClusterError, FileNotFoundError, NotADirectoryError) as err:
         cluster.exit_with_error(str(err))
     print(json.dumps(summary, sort_keys=True))
     if not summary["finalized"]:

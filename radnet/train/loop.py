@@ -41,6 +41,10 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss or state became NaN or infinite; the last good checkpoint is kept."""
 
 
+class ConfigError(ValueError):
+    """A config the run cannot honour, found before any step."""
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
     """True when every floating-point leaf of ``tree`` is finite (ints always are)."""
@@ -122,22 +126,22 @@ def check_config(config, task: Task) -> None:
     """Config mistakes that would otherwise surface only after training: one ValueError
     naming the field, its value and what would work."""
     if int(config.train.num_steps) < 1:
-        raise ValueError(f"config.train.num_steps={config.train.num_steps}: train at least 1 step")
+        raise ConfigError(f"config.train.num_steps={config.train.num_steps}: train at least 1 step")
     for field in ("eval.every_steps", "checkpoint.every_steps", "train.stop_at_step"):
         section, key = field.split(".")
         if int(config[section][key]) < 0:
-            raise ValueError(f"config.{field}={config[section][key]}: must be ≥ 0 (0 = off)")
+            raise ConfigError(f"config.{field}={config[section][key]}: must be ≥ 0 (0 = off)")
     if int(config.checkpoint.keep_best) > 0:
         split, metric = config.eval.split, config.checkpoint.best_metric
         if task.evaluate is None:
-            raise ValueError("config.checkpoint.keep_best > 0 but this task has no evaluation; "
+            raise ConfigError("config.checkpoint.keep_best > 0 but this task has no evaluation; "
                              "set config.checkpoint.keep_best=0")
         prefix = f"{split}/"
         name = metric[len(prefix):] if metric.startswith(prefix) else None
         known = sorted(task.metric_names or ())
         if name is None or (task.metric_names is not None and name not in known):
             choices = ", ".join(prefix + k for k in known) if known else prefix + "<metric>"
-            raise ValueError(f"config.checkpoint.best_metric={metric!r} is not a metric this run "
+            raise ConfigError(f"config.checkpoint.best_metric={metric!r} is not a metric this run "
                              f"evaluates (config.eval.split={split!r}); choose one of: {choices}")
 
 

@@ -393,3 +393,15 @@ def test_summary_funnel_counts_each_series_once(tmp_path, salt):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["series"] == summary["series"]
     assert "exclusion funnel" in outputs.format_summary(summary)
+
+
+def test_a_missing_dicom_root_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "data_prep.index",
+                          f"--dicom_root={tmp_path}/nowhere", f"--out={tmp_path}/out"],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"radnet: error: --dicom_root '{tmp_path}/nowhere' is not a directory" in out.stderr

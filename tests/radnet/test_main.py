@@ -70,3 +70,22 @@ def test_parse_arg_types_and_typos():
     assert (arg.depth, arg.tiny, arg.lr, arg.name) == (18, True, 0.5, "x")
     with pytest.raises(KeyError, match="unknown config argument 'dpeth'"):
         common.parse_arg("dpeth=3", depth=50)
+
+
+def test_a_missing_input_is_one_line_and_exit_2(tmp_path):
+    out = _run(f"--config=configs/liver.py:tiny,dataset={tmp_path}/none,pretrained={tmp_path}/no_run",
+               f"--workdir={tmp_path}/w")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    errors = [l for l in out.stderr.splitlines() if l.startswith("radnet: error:")]
+    assert len(errors) == 1 and "no_run" in errors[0] and "config.json" in errors[0]
+
+
+def test_a_config_the_run_cannot_honour_is_one_line_and_exit_2(tmp_path):
+    from tests.radnet.test_train import make_dataset
+    dataset = make_dataset(str(tmp_path / "ds"))
+    out = _run(f"--config=configs/pretrain.py:tiny,dataset={dataset}",
+               "--config.checkpoint.best_metric=val/los", f"--workdir={tmp_path}/w")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert "radnet: error: config.checkpoint.best_metric='val/los'" in out.stderr
