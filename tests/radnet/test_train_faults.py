@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
 
@@ -58,4 +57,4 @@ def test_every_pretraining_metric_name_is_declared(dataset, tmp_path):  # noqa: 
     val = [m for m in logging_utils.read_metrics(workdir) if m["split"] == "val"][0]
     returned = set(val) - {"step", "split"}
     assert returned <= set(pretrain.METRIC_NAMES), returned - set(pretrain.METRIC_NAMES)
-    assert jax.device_count() >= 1
+    assert {"loss", "sequence/accuracy", "coverage/exact_match"} <= returned
