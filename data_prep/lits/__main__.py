@@ -1,14 +1,13 @@
-"""python -m data_prep.lits --lits_dir=DIR --out=DATASET: see data_prep/lits/build.py."""
+"""python -m data_prep.lits --lits_dir=DIR --out=DATASET: LiTS files (volume-<k>.nii,
+segmentation-<k>.nii) through data_prep.nifti, liver and tumour folded into one liver
+class (the paper's setting). ``python -m data_prep.nifti`` reads the same files and the
+MSD (Task03_Liver) and nnU-Net layouts."""
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags
 
-from data_prep.lits import build
-from radnet.labels import SPLITS
+from data_prep.nifti import __main__ as nifti_main
 
 FLAGS = flags.FLAGS
 
@@ -18,29 +17,12 @@ def define_flags():
     flag names: --out, --workers, --progress)."""
     flags.DEFINE_string("lits_dir", None, "Folder holding volume-<k>.nii[.gz] and "
                         "segmentation-<k>.nii[.gz] (searched recursively).", required=True)
-    flags.DEFINE_string("out", None, "Output dataset folder (zarr v3 + manifest.csv).",
-                        required=True)
-    flags.DEFINE_integer("in_plane", 192, "In-plane size after resampling (pixels).")
-    flags.DEFINE_float("slice_spacing_mm", 5.0, "Slice spacing after resampling (mm).")
-    flags.DEFINE_integer("seed", 0, "Seed of the train/val/test split.")
-    flags.DEFINE_string("split", "0.7,0.15,0.15", "train,val,test fractions.")
-    flags.DEFINE_integer("workers", max(1, min(4, (os.cpu_count() or 1) - 1)),
-                         "Processes reading and resampling cases.")
-    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    nifti_main.define_common_flags()
 
 
 def main(argv):
     del argv
-    fractions = tuple(float(x) for x in FLAGS.split.split(","))
-    manifest = build.build(FLAGS.lits_dir, FLAGS.out, in_plane=FLAGS.in_plane,
-                           slice_spacing_mm=FLAGS.slice_spacing_mm, seed=FLAGS.seed,
-                           split_fractions=fractions, workers=FLAGS.workers,
-                           progress=FLAGS.progress)
-    included = sum(r["status"] == "included" for r in manifest)
-    print(json.dumps({"dataset": FLAGS.out, "included": included,
-                      "excluded": len(manifest) - included,
-                      **{s: sum(r["split"] == s for r in manifest) for s in SPLITS}}))
-    return 0
+    return nifti_main.run(FLAGS.lits_dir, "lits", "liver")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,13 @@ affine maps it to RAS+ world coordinates with negative x and y steps, so nibabel
 superior to inferior (``('L', 'P', 'I')``, negative z step), which readers must honour
 through the affine. Slice spacing varies over 0.7–5 mm; in-plane 128 × 128 pixels of
 2.8–3.4 mm (kept small for tests).
+
+``write_cases`` writes the LiTS file names; ``write_msd`` the same cases in the Medical
+Segmentation Decathlon layout (``Task03_Liver``: ``dataset.json``, ``imagesTr/liver_<k>.nii.gz``,
+``labelsTr/liver_<k>.nii.gz``, labels 0 background, 1 liver, 2 cancer), the way most people
+download LiTS today::
+
+    python -m data_prep.phantoms.lits --out=DIR --cases=6 [--layout=msd|lits] [--seed=0]
 """
 
 from __future__ import annotations
@@ -74,19 +81,71 @@ def make_case(seed: int, k: int):
     return hu_xyz, seg_xyz, affine
 
 
-def write_cases(out_dir: str, cases: int, seed: int) -> list[str]:
+def _save(path: str, arr: np.ndarray, affine: np.ndarray) -> None:
     import nibabel as nib  # noqa: PLC0415
 
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
+def write_cases(out_dir: str, cases: int, seed: int) -> list[str]:
+    """LiTS names: ``volume-<k>.nii`` and ``segmentation-<k>.nii`` in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for k in range(cases):
         hu, seg, affine = make_case(seed, k)
         for name, arr in ((f"volume-{k}.nii", hu), (f"segmentation-{k}.nii", seg)):
-            img = nib.Nifti1Image(arr, affine)
-            img.header.set_xyzt_units("mm")
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
             path = os.path.join(out_dir, name)
-            nib.save(img, path)
+            _save(path, arr, affine)
             paths.append(path)
     return paths
+
+
+MSD_LABELS = {"0": "background", "1": "liver", "2": "cancer"}
+
+
+def write_msd(out_dir: str, cases: int, seed: int) -> list[str]:
+    """The Decathlon's Task03_Liver layout in ``out_dir`` (the same cases as write_cases)."""
+    import json  # noqa: PLC0415
+
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    paths, training = [], []
+    for k in range(cases):
+        hu, seg, affine = make_case(seed, k)
+        for sub, arr in (("imagesTr", hu), ("labelsTr", seg)):
+            path = os.path.join(out_dir, sub, f"liver_{k}.nii.gz")
+            _save(path, arr, affine)
+            paths.append(path)
+        training.append({"image": f"./imagesTr/liver_{k}.nii.gz",
+                         "label": f"./labelsTr/liver_{k}.nii.gz"})
+    meta = {"name": "Liver", "description": "radnet phantom liver CT (synthetic)",
+            "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": MSD_LABELS,
+            "numTraining": cases, "numTest": 0, "training": training, "test": []}
+    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return paths
+
+
+def main(argv):
+    from absl import flags  # noqa: PLC0415
+
+    del argv
+    f = flags.FLAGS
+    write = write_msd if f.layout == "msd" else write_cases
+    paths = write(f.out, f.cases, f.seed)
+    print(f"{len(paths) // 2} {f.layout} phantom liver cases in {f.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("out", None, "Output folder.", required=True)
+    flags.DEFINE_integer("cases", 6, "Number of cases.")
+    flags.DEFINE_integer("seed", 0, "Seed (the same cases as data_prep.phantoms --seed).")
+    flags.DEFINE_enum("layout", "msd", ["msd", "lits"], "File layout.")
+    app.run(main)

@@ -1,0 +1,1 @@
+"""NIfTI segmentation datasets (MSD, nnU-Net v2 raw, LiTS) → radnet segmentation dataset."""
