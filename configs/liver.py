@@ -35,22 +35,31 @@ def get_config(arg=None):
         model_fields=True))
 
     config.model_name = "vnet"
+    # num_classes 0: from the dataset (data_prep.lits / data_prep.nifti --fold_foreground=liver
+    # make background and liver, the paper's two).
     config.model = ml_collections.ConfigDict(dict(
-        depth=50, variant="radnet", norm="batch", width=64, num_classes=2,
+        depth=50, variant="radnet", norm="batch", width=64, num_classes=0,
         decoder_width=16, dtype="float32"))
     # input.volume_shape: (proposal.window_slices, in_plane, in_plane), set at the start.
+    config.input.patch_shape = ()                   # sliding windows only (configs/segment.py)
+    config.input.train_overlap = 0.5
 
     # Region proposal with the pretrained classifier (paper: 48 slices, stride 8, 0.9).
     config.proposal = ml_collections.ConfigDict(dict(
-        window_slices=48, stride=8, threshold=0.9, batch_size=4,
+        enabled=True, window_slices=48, stride=8, threshold=0.9, batch_size=4,
         path=arg.proposals))                        # reuse a proposals.csv; '' = compute
 
-    config.loss = ml_collections.ConfigDict(dict(dice_smooth=1.0))
+    # Dice on the liver channel (the paper); ce_weight > 0 adds cross-entropy.
+    config.loss = ml_collections.ConfigDict(dict(dice_smooth=1.0, ce_weight=0.0))
     # Adam at a constant rate, no clipping (the paper's liver setting).
     config.optimizer.update(lr=1e-4, grad_clip_norm=0.0)
     config.schedule.update(name="constant", warmup_steps=0)
     config.train.update(batch_size=4, num_steps=3000, log_every_steps=20)
-    config.eval.update(every_steps=100, batch_size=4, threshold=0.5)
+    # Overlapping proposal windows are averaged (uniform); metrics on each case's source
+    # grid, normalised surface Dice at tolerance_mm; overlay PNGs of the first test cases.
+    config.eval.update(every_steps=100, batch_size=4, threshold=0.5, weighting="uniform",
+                       overlap=0.5, gaussian_sigma=0.125, source_grid=True, tolerance_mm=2.0,
+                       overlays=3)
     # The latest (to resume) and the best validation Dice are kept.
     config.checkpoint.update(every_steps=100, keep_latest=1, keep_best=1,
                              best_metric="val/dice", best_mode="max")

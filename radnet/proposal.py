@@ -64,7 +64,7 @@ def select(scores: Sequence[float], threshold: float = 0.9) -> list[int]:
 
 
 class WindowReader:
-    """(case_id, start) → {"image": uint8 [D,H,W](, "mask": uint8 [D,H,W])} of a LiTS-layout
+    """(case_id, start) → {"image": uint8 [D,H,W](, "mask": uint8 [D,H,W])} of a segmentation
     dataset; TensorStore handles stay open per case (and are reopened after pickling, in a
     Grain worker)."""
 
@@ -75,7 +75,7 @@ class WindowReader:
         self._open: dict[str, Any] = {}
 
     def __call__(self, item) -> dict[str, np.ndarray]:
-        from radnet.data import lits  # noqa: PLC0415
+        from radnet.data import nifti as lits  # noqa: PLC0415
 
         case_id, start = item
         if case_id not in self._open:
@@ -111,7 +111,7 @@ def numpy_scorer(score_fn: ScoreFn) -> BatchScorer:
 def propose(dataset: str, case_ids: Iterable[str], score: BatchScorer, window_slices: int = 48,
             stride: int = 8, threshold: float = 0.9, batch_size: int = 4,
             progress: bool = False) -> dict[str, list[Window]]:
-    """All windows (scored, with the selection) of the given cases of a LiTS-layout dataset.
+    """All windows (scored, with the selection) of the given cases of a segmentation dataset.
 
     Every window of every case goes through ``score`` in padded batches of ``batch_size``
     (global: shared by the processes; radnet.evaluators.predict), so each process ends with
@@ -120,7 +120,7 @@ def propose(dataset: str, case_ids: Iterable[str], score: BatchScorer, window_sl
     import jax  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
-    from radnet.data import lits  # noqa: PLC0415
+    from radnet.data import nifti as lits  # noqa: PLC0415
     from radnet.evaluators import predict as predict_lib  # noqa: PLC0415
 
     starts = {}
@@ -211,7 +211,7 @@ def main(argv):
     import jax  # noqa: PLC0415
     from absl import flags  # noqa: PLC0415
 
-    from radnet.data import lits  # noqa: PLC0415
+    from radnet.data import nifti as lits  # noqa: PLC0415
     from radnet.train import checkpoint as ckpt_lib  # noqa: PLC0415
     from radnet.train import state as state_lib  # noqa: PLC0415
 

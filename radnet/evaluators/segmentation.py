@@ -25,7 +25,8 @@ largest distance the image allows), so every value is finite and means and media
 cases never see NaN or infinity.
 
 Intervals: 95% bootstrap confidence intervals of a mean (percentile method,
-``scipy.stats.bootstrap``, resampling cases, seeded); none (NaN) with fewer than 2 cases.
+``scipy.stats.bootstrap``, resampling cases, seeded); none (NaN, ``null`` in the
+summaries) with fewer than 2 cases.
 Cases are scored whole, after their windows are stitched (radnet.train.segment).
 """
 
@@ -153,6 +154,12 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0,
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def _ci_or_none(values, seed: int) -> list[float] | None:
+    """The interval as stored in JSON: None where it is undefined (n < 2)."""
+    lo, hi = bootstrap_ci(values, seed)
+    return None if math.isnan(lo) else [lo, hi]
+
+
 def summarize(per_case: Mapping[str, Mapping[str, float]] | Iterable[Mapping[str, float]],
               with_ci: bool = False, seed: int = 0) -> dict[str, float]:
     """Per-case ``{"dice", "iou"}`` → mean and median of each over cases (and n); with
@@ -165,8 +172,8 @@ def summarize(per_case: Mapping[str, Mapping[str, float]] | Iterable[Mapping[str
     out = {"n": len(rows), "mean_dice": float(d.mean()), "mean_iou": float(j.mean()),
            "median_dice": float(np.median(d)), "median_iou": float(np.median(j))}
     if with_ci:
-        out["ci95_dice"] = list(bootstrap_ci(d, seed))
-        out["ci95_iou"] = list(bootstrap_ci(j, seed))
+        out["ci95_dice"] = _ci_or_none(d, seed)
+        out["ci95_iou"] = _ci_or_none(j, seed)
     return out
 
 
@@ -186,7 +193,7 @@ def summarize_classes(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
             x = np.asarray(values, np.float64)
             out[name][metric] = {"n": int(x.size), "mean": float(x.mean()),
                                  "median": float(np.median(x)),
-                                 "ci95": list(bootstrap_ci(x, seed))}
+                                 "ci95": _ci_or_none(x, seed)}
     return out
 
 
@@ -198,4 +205,118 @@ def case_means(per_case: Mapping[str, Mapping[str, Mapping[str, float]]]
     for case, classes in per_case.items():
         metrics = [m for m in METRICS if all(m in v for v in classes.values())]
         out[case] = {m: float(np.mean([v[m] for v in classes.values()])) for m in metrics}
+    return out
+
+
+# ----------------------------------------------------------------------------- whole volumes
+
+def window_starts(n: int, window: int, overlap: float) -> list[int]:
+    """Starts of windows of ``window`` voxels covering ``n`` along one axis: the step is
+    ``max(1, floor(window · (1 − overlap)))``, the last window ends at the last voxel, and
+    an axis shorter than a window gets one window centred on it (padded with blanks)."""
+    if n < 1 or window < 1:
+        raise ValueError(f"axis of {n} voxels, window of {window}: both must be positive")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if n <= window:
+        return [-((window - n) // 2)]
+    step = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, n - window + 1, step))
+    if starts[-1] != n - window:
+        starts.append(n - window)
+    return starts
+
+
+def window_grid(shape: Sequence[int], window: Sequence[int], overlap: float
+                ) -> list[tuple[int, int, int]]:
+    """Every window start ``(z, y, x)`` of a sliding window over a ``[D, H, W]`` volume."""
+    per_axis = [window_starts(int(n), int(w), overlap) for n, w in zip(shape, window)]
+    return [(z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
+
+
+def gaussian_weights(window: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """``[D, H, W]`` float32 importance of each voxel of a window for stitching.
+
+    A separable Gaussian centred on the window, standard deviation ``sigma_scale`` × the
+    window's size on each axis (nnU-Net's 1/8), scaled to 1 at the centre. Predictions
+    near a window's border (where the network saw zero padding instead of context) count
+    less where windows overlap; the stitched value is Σ w·p / Σ w, so the weights cancel
+    wherever every window agrees. Floored at float32's smallest normal number so a voxel
+    only a window's corner reaches still has a defined (if lightly weighted) value.
+    """
+    if sigma_scale <= 0:
+        raise ValueError(f"gaussian sigma scale must be positive, got {sigma_scale}")
+    w = np.ones((), np.float64)
+    for n in window:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+        w = np.multiply.outer(w, np.exp(-0.5 * (x / (sigma_scale * n)) ** 2))
+    w = (w / w.max()).astype(np.float32)
+    return np.maximum(w, np.finfo(np.float32).tiny)
+
+
+class Stitcher:
+    """Window predictions → the volume's class probabilities, weighted per voxel.
+
+    ``add(start, prob)`` with ``prob [d, h, w, K]`` at ``start (z, y, x)`` (parts outside
+    the volume are dropped); ``result()`` → ``[K, D, H, W]`` = Σ weight·prob / Σ weight,
+    and background (class 0 = 1) where no window reached. ``weights`` ``[d, h, w]``
+    (:func:`gaussian_weights`) or None for a plain mean.
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: int, weights: np.ndarray | None = None):
+        self.shape = tuple(int(s) for s in shape)
+        self.weights = weights
+        self.total = np.zeros((num_classes, *self.shape), np.float32)
+        self.weight = np.zeros(self.shape, np.float32)
+
+    def add(self, start: Sequence[int], prob: np.ndarray) -> None:
+        prob = np.asarray(prob, np.float32)
+        lo = [max(s, 0) for s in start]
+        hi = [min(s + n, dim) for s, n, dim in zip(start, prob.shape[:3], self.shape)]
+        if any(h <= l for l, h in zip(lo, hi)):
+            return
+        dst = tuple(slice(l, h) for l, h in zip(lo, hi))
+        src = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))
+        w = (np.ones(prob.shape[:3], np.float32) if self.weights is None
+             else self.weights)[src]
+        self.total[(slice(None), *dst)] += np.moveaxis(prob[src], -1, 0) * w
+        self.weight[dst] += w
+
+    def result(self) -> np.ndarray:
+        out = np.divide(self.total, self.weight, out=np.zeros_like(self.total),
+                        where=self.weight > 0)
+        out[0][self.weight == 0] = 1.0
+        return out
+
+
+def _linear_positions(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    coords = np.clip(coords, 0, n - 1)
+    lo = np.floor(coords).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    return lo, hi, (coords - lo).astype(np.float32)
+
+
+def to_source_grid(prob: np.ndarray, source_shape: Sequence[int], source_slice_mm: float,
+                   slice_spacing_mm: float) -> np.ndarray:
+    """Class probabilities ``[K, D, H, W]`` on the training grid → class map ``uint8`` on
+    the source grid ``[n_slices, rows, cols]`` (both in radnet orientation).
+
+    The inverse of radnet.data.nifti.prepare_case's resampling: source slice i lies at
+    training slice ``i × source_slice_mm / slice_spacing_mm`` (the first slices coincide),
+    source pixel i at training pixel ``(i + 0.5) × n_train / n_source − 0.5``; positions
+    past the ends take the end values. Linear in each axis, then argmax. Slice by slice
+    with separable interpolation (hand-written: scipy's map_coordinates would need a
+    coordinate array of 3 × the source grid, ~3 GB for a 512² × 500 LiTS case).
+    """
+    k, d, h, w = prob.shape
+    n, rows, cols = (int(s) for s in source_shape)
+    zl, zh, zw = _linear_positions(np.arange(n) * (source_slice_mm / slice_spacing_mm), d)
+    rl, rh, rw = _linear_positions((np.arange(rows) + 0.5) * h / rows - 0.5, h)
+    cl, ch, cw = _linear_positions((np.arange(cols) + 0.5) * w / cols - 0.5, w)
+    out = np.empty((n, rows, cols), np.uint8)
+    for i in range(n):
+        plane = prob[:, zl[i]] * (1 - zw[i]) + prob[:, zh[i]] * zw[i]            # [K, H, W]
+        plane = plane[:, rl] * (1 - rw)[:, None] + plane[:, rh] * rw[:, None]     # [K, rows, W]
+        plane = plane[:, :, cl] * (1 - cw) + plane[:, :, ch] * cw                 # [K, rows, cols]
+        out[i] = np.argmax(plane, axis=0)
     return out

@@ -57,6 +57,8 @@ def test_segment_run_frozen(setup):
     with open(os.path.join(workdir, "per_case.csv")) as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["split"] for r in rows) == ["test", "val"]
+    assert {r["class"] for r in rows} == {"liver"}
+    assert all(float(r["hd95_mm"]) >= 0 and 0 <= float(r["nsd"]) <= 1 for r in rows)
     # The per-case numbers are the summary's (one case per split here).
     assert float(rows[0]["dice"]) == pytest.approx(results[rows[0]["split"]]["mean_dice"], abs=1e-6)
 
@@ -72,7 +74,17 @@ def test_segment_run_frozen(setup):
     metrics = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     vals = {m["step"]: m["dice"] for m in metrics if m["split"] == "val"}
     assert set(vals) == {2, 4} and vals[results["best_step"]] == max(vals.values())
-    assert results["val"]["mean_dice"] == pytest.approx(vals[results["best_step"]], abs=1e-6)
+    # The checkpoint was chosen by the validation Dice on the training grid; the reported
+    # metrics are on each case's source grid.
+    assert results["selection"]["training_grid_dice"] == pytest.approx(
+        vals[results["best_step"]], abs=1e-6)
+    assert results["grid"] == "source"
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["test"]["classes"]["liver"]["dice"]["mean"] == pytest.approx(
+        results["test"]["mean_dice"])
+    assert summary["test"]["classes"]["liver"]["dice"]["ci95"] is None     # n = 1
+    png = os.path.join(workdir, "overlays", f"{lits.cases(str(root / 'ds'), 'test')[0]}.png")
+    assert os.path.getsize(png) > 1000
     restored, _ = ckpt_lib.restore_subtree(workdir, {"params": pre["params"],
                                                      "batch_stats": pre["batch_stats"]})
     for collection in ("params", "batch_stats"):
