@@ -54,7 +54,7 @@ stage "5/6 evaluate on the held-out test split → $DEMO/pretrain/report.json"
 "$PYTHON" -m radnet.main --config=configs/evaluate.py --config.checkpoint="$DEMO/pretrain" \
   --config.dataset="$DEMO/dataset" --workdir="$DEMO/pretrain"
 
-stage "6/6 liver transfer: frozen pretrained encoder vs scratch → $DEMO/liver"
+stage "6/6 liver transfer (phantom Task03_Liver, MSD layout): frozen pretrained encoder vs scratch, test Dice with 95% CI → $DEMO/liver"
 PYTHON="$PYTHON" DEMO_ROOT="$DEMO" bash launch/demo_liver.sh
 
 echo
