@@ -18,6 +18,7 @@ def define_flags():
     flags.DEFINE_string("lits_dir", None, "Folder holding volume-<k>.nii[.gz] and "
                         "segmentation-<k>.nii[.gz] (searched recursively).", required=True)
     nifti_main.define_common_flags()
+    flags.adopt_module_key_flags(nifti_main)   # so --help lists them too
 
 
 def main(argv):
