@@ -55,9 +55,10 @@ def get_config(arg=None):
     config.optimizer.update(lr=1e-4, grad_clip_norm=0.0)
     config.schedule.update(name="constant", warmup_steps=0)
     config.train.update(batch_size=4, num_steps=3000, log_every_steps=20)
-    # Overlapping proposal windows are averaged (uniform); metrics on each case's source
+    # Overlapping proposal windows are averaged (uniform), the class is the argmax (for
+    # two classes: liver probability > 0.5); metrics on each case's source
     # grid, normalised surface Dice at tolerance_mm; overlay PNGs of the first test cases.
-    config.eval.update(every_steps=100, batch_size=4, threshold=0.5, weighting="uniform",
+    config.eval.update(every_steps=100, batch_size=4, weighting="uniform",
                        overlap=0.5, gaussian_sigma=0.125, source_grid=True, tolerance_mm=2.0,
                        overlays=3)
     # The latest (to resume) and the best validation Dice are kept.

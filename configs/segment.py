@@ -59,7 +59,7 @@ def get_config(arg=None):
     config.train.update(batch_size=2, num_steps=3000, log_every_steps=20)
     # Whole-volume inference: windows overlapping by `overlap`, Gaussian importance with
     # sigma = gaussian_sigma x window size (nnU-Net's 1/8); metrics on the source grid.
-    config.eval.update(every_steps=100, batch_size=2, threshold=0.5, weighting="gaussian",
+    config.eval.update(every_steps=100, batch_size=2, weighting="gaussian",
                        overlap=0.5, gaussian_sigma=0.125, source_grid=True, tolerance_mm=2.0,
                        overlays=3)
     config.checkpoint.update(every_steps=100, keep_latest=1, keep_best=1,

@@ -80,8 +80,9 @@ def test_back_to_the_source_grid():
     prob[0] = 1
     prob[:, 1, 1:3, 1:3] = [[[0.0]], [[1.0]]]                   # class 1 at slice 1 centre
     labels = seg_metrics.to_source_grid(prob, (5, 8, 8), 2.5, 5.0)
-    # Source slices at training positions 0, .5, 1, 1.5, 2: class 1 (p ≥ .5) at 1.5? no:
-    # p = .5 at the half positions ties → argmax picks class 0 (the first).
+    # Source slices sit at training slices 0, .5, 1, 1.5, 2: only source slice 2 is at
+    # training slice 1; at .5 and 1.5 both classes interpolate to 0.5 and argmax keeps the
+    # first (background). Source pixels 2..5 map to training pixels 0.75..2.25 → inside.
     assert labels[2, 2:6, 2:6].all() and labels[2].sum() == 16
     assert labels[[0, 1, 3, 4]].sum() == 0
     same = seg_metrics.to_source_grid(prob, (3, 4, 4), 5.0, 5.0)
@@ -119,3 +120,21 @@ def test_multiclass_segment_run_on_the_trainer(tmp_path):
     metrics = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     assert {m["step"] for m in metrics if m["split"] == "val"} == {2}
     assert all(np.isfinite(m["loss"]) for m in metrics if m["split"] == "train")
+
+
+def test_config_mistakes_are_config_errors(tmp_path):
+    from radnet.train import loop
+
+    write_nnunet(str(tmp_path / "src"), n=3)
+    ds = str(tmp_path / "ds")
+    build.build(str(tmp_path / "src"), ds, in_plane=32, progress=False)
+    config = segment_config.get_config(f"tiny,dataset={ds},pretrained=,freeze=scratch")
+    assert segment.resolve_config(config).model.num_classes == 3
+    config.model.num_classes = 2
+    with pytest.raises(loop.ConfigError, match=r"has 3 classes \(background, kidney, tumor\)"):
+        segment.resolve_config(config)
+    with pytest.raises(loop.ConfigError, match="pretrained.workdir is empty"):
+        segment.resolve_config(segment_config.get_config(f"tiny,dataset={ds},pretrained="))
+    with pytest.raises(loop.ConfigError, match="multiple of the encoder's total stride"):
+        segment.resolve_config(segment_config.get_config(
+            f"tiny,dataset={ds},pretrained=,freeze=scratch,patch=16x30x32"))
