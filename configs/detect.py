@@ -57,11 +57,11 @@ def get_config(arg=None):
     if arg.demo:
         # Phantom lesions on 2 CPU cores: 128×128 slabs at 2.5 mm, the demo encoder.
         config.model.update(neck_width=32, head_width=32)
-        config.train.update(batch_size=8, num_steps=600, log_every_steps=25)
+        config.train.update(batch_size=8, num_steps=1000, log_every_steps=50)
         config.schedule.warmup_steps = 50
         config.optimizer.lr = 2e-3
-        config.eval.update(every_steps=150, batch_size=8)
-        config.checkpoint.every_steps = 150
+        config.eval.update(every_steps=250, batch_size=8)
+        config.checkpoint.every_steps = 250
     if arg.steps > 0:
         config.train.num_steps = arg.steps
     return config

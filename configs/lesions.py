@@ -23,7 +23,8 @@ def get_config(arg=None):
     config.short_over_long_max = 1.0
     # DeepLesion: the box of the four end points, dilated by 5 pixels, clipped to the image.
     config.box_dilate_px = 5.0
-    # Dataset (--dataset_out): 2k+1 slices, in-plane mm per pixel, size, HU window.
+    # Dataset (--dataset_out): 2k+1 slices, in-plane mm per pixel, size, HU window (wide
+    # enough for lung and bone, narrow enough to keep 4 HU per grey level for soft tissue).
     config.dataset = ml_collections.ConfigDict(dict(
-        context=1, mm_per_pixel=2.5, size=128, window_hu=(-1024.0, 1024.0)))
+        context=1, mm_per_pixel=2.5, size=128, window_hu=(-400.0, 600.0)))
     return config

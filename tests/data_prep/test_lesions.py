@@ -150,7 +150,7 @@ def test_dataset_from_mined_lesions(mined):
     slices = sorted((pydicom.dcmread(os.path.join(root, "dicom", p)) for p in paths),
                     key=lambda d: float(d.ImagePositionPatient[2]))
     want = dl.window_to_uint8(apply_modality_lut(slices[int(key)].pixel_array,
-                                                 slices[int(key)]), (-1024, 1024))
+                                                 slices[int(key)]), tuple(lesions_config.get_config().dataset.window_hu))
     np.testing.assert_array_equal(ds.image[int(image["index"])].read().result()[1], want)
 
 
