@@ -19,7 +19,8 @@ lines pair first, each with the most perpendicular crossing partner. Everything 
 accounted for with a reason: ``arrow`` (text with a visible anchor), ``text``,
 ``ellipse``, ``circle``, ``point``, ``polyline`` (more than two points), ``single_line``,
 ``non_perpendicular_pair`` (crossing lines too far from 90°), ``display_units``,
-``unresolved_reference`` (the image is not in the index), ``unreadable``.
+``unresolved_reference`` (the image is not in the index), ``basic_text_sr`` (a Basic Text
+SR, which cannot hold coordinates), ``no_measurement_report``, ``no_region``, ``unreadable``.
 
 Outputs (no names, IDs, dates or raw UIDs; keys are keyed hashes with the index's salt):
 
@@ -55,6 +56,7 @@ SR_READERS = {"1.2.840.10008.5.1.4.1.1.88.22": hd.sr.EnhancedSR,
               "1.2.840.10008.5.1.4.1.1.88.33": hd.sr.ComprehensiveSR,
               "1.2.840.10008.5.1.4.1.1.88.34": hd.sr.Comprehensive3DSR}
 SR_CLASSES = set(SR_READERS)
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 LESION_COLUMNS = (
     "Lesion_key", "Patient_key", "Study_key", "Series_key", "Key_slice_index",
     "Measurement_coordinates", "Bounding_boxes", "Lesion_diameters_Pixel_",
@@ -336,6 +338,8 @@ def mine(dicom_root: str, index: str, out: str, cfg, secret: bytes,
                             for s in st.get("ReferencedSeriesSequence", [])]
                 wanted |= {str(s) for s in evidence}
                 read_all |= not evidence
+            elif sop_class == BASIC_TEXT_SR:  # no spatial coordinates possible
+                items = [_item(rel, "sr", 0, "BASIC_TEXT_SR", "")]
             else:
                 continue
         except Exception as e:  # noqa: BLE001  (a broken object is recorded, the run goes on)
@@ -353,6 +357,9 @@ def mine(dicom_root: str, index: str, out: str, cfg, secret: bytes,
                "item": it["item"], "graphic": it["graphic"]}
         it["row"] = row
         annotation_rows.append(row)
+        if it["graphic"] in ("BASIC_TEXT_SR", "NO_MEASUREMENT_REPORT", "NO_REGION"):
+            row.update(status="not_lesion", reason=it["graphic"].lower())
+            continue
         sl = archive.slices.get(it["ref_uid"])
         if sl is None:
             row.update(status="error", reason="unresolved_reference")
@@ -391,7 +398,9 @@ def mine(dicom_root: str, index: str, out: str, cfg, secret: bytes,
     reasons = defaultdict(int)
     for r in annotation_rows:
         reasons[r["reason"] or r["status"]] += 1
-    summary = {"annotation_objects": len(archive.objects), "annotation_items": len(annotation_rows),
+    summary = {"not_image_files": len(archive.objects),
+               "annotation_objects": len({r["object_path"] for r in annotation_rows}),
+               "annotation_items": len(annotation_rows),
                "lesions": len(lesions),
                "possibly_noisy": sum(int(r["Possibly_noisy"]) for r in lesions),
                "items_by_reason": dict(sorted(reasons.items()))}

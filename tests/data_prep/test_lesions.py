@@ -4,6 +4,7 @@ annotations.csv and the lesion dataset, checked against lesion_truth.csv."""
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -11,6 +12,7 @@ from collections import Counter
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
 from configs import index as index_config
@@ -41,6 +43,11 @@ def mined(tmp_path_factory):
     dicom = str(root / "dicom")
     # 6 studies: every distractor kind twice or more, GSPS and SR measurements
     phantom_lesions.generate(dicom, str(root / "lesion_truth.csv"), 6, seed=1)
+    # two real SR files of other kinds: a Basic Text SR and a Comprehensive SR without a
+    # TID 1500 measurement report
+    os.makedirs(os.path.join(dicom, "OTHER"))
+    for name in ("reportsi.dcm", "test-SR.dcm"):
+        shutil.copy(get_testdata_file(name), os.path.join(dicom, "OTHER", name))
     salt = root / "salt"
     salt.write_bytes(SECRET + b"\n")
     index.run_index(dicom, str(root / "index"), index_config.get_config(), workers=1,
@@ -97,7 +104,14 @@ def test_every_annotation_item_has_a_row_with_a_reason(mined):
             expected[obj] = sum(2 if t["kind"] == "recist" else 1
                                 for t in truth if t["object_file"] == obj)
     got = Counter(r["object_path"] for r in rows)
-    assert got == expected
+    other = {k: v for k, v in got.items() if k.startswith("OTHER/")}
+    assert {k: v for k, v in got.items() if k not in other} == expected
+    assert set(other) == {"OTHER/reportsi.dcm", "OTHER/test-SR.dcm"}
+    for r in rows:
+        if r["object_path"].startswith("OTHER/"):
+            assert r["status"] in ("not_lesion", "error") and r["reason"], r
+    assert [r["reason"] for r in rows if r["object_path"] == "OTHER/reportsi.dcm"] == [
+        "basic_text_sr"]
     # every distractor accounted for by its reason, on its object
     reasons = Counter((r["object_path"], r["reason"]) for r in rows)
     seen = set()
