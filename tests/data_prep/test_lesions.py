@@ -50,7 +50,7 @@ def mined(tmp_path_factory):
         shutil.copy(get_testdata_file(name), os.path.join(dicom, "OTHER", name))
     salt = root / "salt"
     salt.write_bytes(SECRET + b"\n")
-    index.run_index(dicom, str(root / "index"), index_config.get_config(), workers=1,
+    index.run_index(dicom, str(root / "index"), index_config.get_config(), workers=0,
                     salt_file=str(salt), progress=False)
     cfg = lesions_config.get_config()
     summary, archive = mine.mine(dicom, str(root / "index"), str(root / "out"), cfg, SECRET,
