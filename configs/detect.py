@@ -23,10 +23,14 @@ def get_config(arg=None):
     config.seed = arg.seed
     config.dataset = arg.dataset
     config.freeze = arg.freeze
-    config.pretrained = ml_collections.ConfigDict(dict(workdir=arg.pretrained, step=-1))
+    config.pretrained = ml_collections.ConfigDict(dict(
+        workdir=arg.pretrained, step=-1,
+        # The encoder fields (depth, width, norm, dtype) are taken from the pretraining
+        # run's config.json, for freeze=scratch too when the run exists, so "scratch" is
+        # the same network; off = the fields below as they are.
+        model_fields=True))
 
     config.model_name = "detector"
-    # Encoder fields come from the pretraining run (unless freeze=scratch).
     config.model = ml_collections.ConfigDict(dict(
         depth=50, variant="radnet", norm="batch", width=64, dtype="float32",
         neck_width=64, head_width=64))

@@ -243,15 +243,20 @@ def resolve_config(config) -> ml_collections.ConfigDict:
                          "to 0 to take the dataset's)")
     config.model.frozen_stages = transfer.frozen_stages(config.freeze)
     pre = config.pretrained
-    if transfer.restores_encoder(config.freeze):
-        if not pre.workdir:
-            raise ValueError("config.pretrained.workdir is empty; give the pretraining run, "
-                             "or freeze=scratch to train from scratch")
+    restores = transfer.restores_encoder(config.freeze)
+    if restores and not pre.workdir:
+        raise ValueError("config.pretrained.workdir is empty; give the pretraining run, "
+                         "or freeze=scratch to train from scratch")
+    # The encoder fields of the pretraining run, also for scratch (when the run is given and
+    # model_fields is on): "from scratch" is then the same network with fresh weights.
+    if pre.workdir and (restores or (pre.model_fields and os.path.exists(
+            os.path.join(pre.workdir, "config.json")))):
         pre_model = ckpt_lib.load_config(pre.workdir).get("model", {})
         accepted = set(models.get(config.model_name).__dataclass_fields__)
         for key in ("depth", "variant", "norm", "width", "dtype"):
             if key in pre_model and key in accepted:
                 config.model[key] = pre_model[key]
+    if restores:
         pre.step = ckpt_lib.resolve_step(pre.workdir, None if pre.step < 0 else pre.step)
     return config
 

@@ -129,3 +129,16 @@ def test_detect_run_with_a_pretrained_frozen_encoder(tmp_path):
         for k in b:
             np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
     assert "| run (all) |" in detect.format_runs(str(tmp_path))
+
+
+def test_scratch_is_the_same_network_with_fresh_weights(tmp_path):
+    write_phantom_slabs(str(tmp_path / "ds"), splits=("train", "val"))
+    pre = radnet_init()
+    save_pretraining(str(tmp_path / "pre"), pre["params"], pre["batch_stats"], ENC, step=3)
+    config = detect_config.get_config(
+        f"freeze=scratch,dataset={tmp_path / 'ds'},pretrained={tmp_path / 'pre'}")
+    resolved = detect.resolve_config(config)
+    assert (resolved.model.depth, resolved.model.width) == (ENC["depth"], ENC["width"])
+    assert tuple(resolved.input.volume_shape) == (3, 64, 64)
+    with pytest.raises(ValueError, match="pretrained.workdir is empty"):
+        detect.resolve_config(detect_config.get_config(f"dataset={tmp_path / 'ds'},pretrained="))
