@@ -88,7 +88,8 @@ def train_iterator(config, indices, batch_size: int, process_index: int = 0,
                    process_count: int = 1) -> grain.DatasetIterator:
     """This process's shuffled, repeated, augmented batches with targets (checkpointable)."""
     if not indices:
-        raise ValueError(f"{config.dataset} has no usable training slab")
+        raise loop.ConfigError(f"{config.dataset} has no usable training slab (check "
+                               "images.csv)")
     stream = grain.MapDataset.source(list(indices)).seed(config.seed).shuffle().repeat(None)
     stream = stream[process_index::process_count].map(
         dl.SlabReader(config.dataset, config.data.max_boxes))
@@ -238,14 +239,14 @@ def resolve_config(config) -> ml_collections.ConfigDict:
                                  int(attrs["size"]))
     if float(config.data.mm_per_pixel) > 0 and float(attrs["mm_per_pixel"]) != float(
             config.data.mm_per_pixel):
-        raise ValueError(f"{config.dataset} holds slabs at {attrs['mm_per_pixel']} mm per "
+        raise loop.ConfigError(f"{config.dataset} holds slabs at {attrs['mm_per_pixel']} mm per "
                          f"pixel; config.data.mm_per_pixel={config.data.mm_per_pixel} (set it "
                          "to 0 to take the dataset's)")
     config.model.frozen_stages = transfer.frozen_stages(config.freeze)
     pre = config.pretrained
     restores = transfer.restores_encoder(config.freeze)
     if restores and not pre.workdir:
-        raise ValueError("config.pretrained.workdir is empty; give the pretraining run, "
+        raise loop.ConfigError("config.pretrained.workdir is empty; give the pretraining run, "
                          "or freeze=scratch to train from scratch")
     # The encoder fields of the pretraining run, also for scratch (when the run is given and
     # model_fields is on): "from scratch" is then the same network with fresh weights.
@@ -276,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ds = dl.open_dataset(config.dataset)
     split_ids = {s: ds.indices(s) for s in ("train", "val", "test")}
     if not split_ids["val"]:
-        raise ValueError(f"{config.dataset} has no usable validation slab")
+        raise loop.ConfigError(f"{config.dataset} has no usable validation slab; the run "
+                               "validates on it (check images.csv)")
     logging.info("detect: freeze=%s; %d train, %d val, %d test slabs", config.freeze,
                  *(len(split_ids[s]) for s in ("train", "val", "test")))
 
