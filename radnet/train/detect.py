@@ -239,9 +239,10 @@ def resolve_config(config) -> ml_collections.ConfigDict:
                                  int(attrs["size"]))
     if float(config.data.mm_per_pixel) > 0 and float(attrs["mm_per_pixel"]) != float(
             config.data.mm_per_pixel):
-        raise loop.ConfigError(f"{config.dataset} holds slabs at {attrs['mm_per_pixel']} mm per "
-                         f"pixel; config.data.mm_per_pixel={config.data.mm_per_pixel} (set it "
-                         "to 0 to take the dataset's)")
+        raise loop.ConfigError(
+            f"{config.dataset} holds slabs at {attrs['mm_per_pixel']} mm per pixel; "
+            f"config.data.mm_per_pixel={config.data.mm_per_pixel} (set it to 0 to take the "
+            "dataset's)")
     config.model.frozen_stages = transfer.frozen_stages(config.freeze)
     pre = config.pretrained
     restores = transfer.restores_encoder(config.freeze)
