@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Sequence
 
 from absl import app, flags, logging
@@ -21,6 +22,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("lits_cases", 4, "Number of LiTS-format liver CT cases.")
     flags.DEFINE_integer("workers", None, "Worker processes (default: CPU count).")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_integer("lesion_studies", 0, "CT studies with lesions and their GSPS/SR "
+                         "measurements under DIR/dicom/LESIONS, truth in "
+                         "DIR/lesion_truth.csv (data_prep/phantoms/lesions.py); 0 = none.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -29,6 +33,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--out is required")
     summary = pacs.generate(FLAGS.out, FLAGS.patients, FLAGS.seed, FLAGS.lits_cases,
                             workers=FLAGS.workers, progress=FLAGS.progress)
+    if FLAGS.lesion_studies > 0:
+        from data_prep.phantoms import lesions  # noqa: PLC0415
+        summary.update(lesions.generate(os.path.join(FLAGS.out, "dicom"),
+                                        os.path.join(FLAGS.out, "lesion_truth.csv"),
+                                        FLAGS.lesion_studies, FLAGS.seed))
     logging.info("phantom archive in %s: %s", FLAGS.out, summary)
     print(json.dumps(summary))
 

@@ -10,6 +10,7 @@ Names: ``resnet`` (encoder alone), ``radnet`` (encoder + 3D-RADNet heads),
 
 from __future__ import annotations
 
+from radnet.models.detection import LesionDetector
 from radnet.models.heads import RadNet, RadNetHeads
 from radnet.models.resnet3d import DEPTHS, STAGES, VARIANTS, ResNet3D, stage_strides
 from radnet.models.vnet import VNet, check_input_shape, total_stride
@@ -18,6 +19,7 @@ MODELS = {
     "resnet": ResNet3D,
     "radnet": RadNet,
     "vnet": VNet,
+    "detector": LesionDetector,
 }
 
 

@@ -1,0 +1,1 @@
+"""DeepLesion import: the public dataset's layout → radnet's lesion dataset (build.py)."""

@@ -1,0 +1,1 @@
+"""Mining radiologists' lesion measurements (GSPS and SR) into lesions.csv (mine.py)."""
