@@ -104,7 +104,9 @@ def load_index(index_dir: str) -> tuple[list[dict], dict[str, list[str]], str]:
         with open(path, "rb") as f:
             raw = f.read()
         digest.update(name.encode() + b"\0" + raw)
-        tables[name] = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+        # surrogateescape: file names that are not UTF-8, as the index wrote them
+        tables[name] = list(csv.DictReader(io.StringIO(raw.decode("utf-8", "surrogateescape"),
+                                                       newline="")))
     needed = {"series.csv": ("series_key", "status", "split"),
               "files.csv": ("path", "series_key", "status")}
     for name, columns in needed.items():
