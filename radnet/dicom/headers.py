@@ -9,7 +9,9 @@ here and not when the volume builder decodes it.
 Identity never leaves this module in clear: patient, study, series and instance
 identifiers are turned into keyed BLAKE2 digests (``keyed_hash``) before the
 record is returned, so neither the cache nor any output holds a raw UID, name,
-ID or birth date.
+ID or birth date. Free text (descriptions, protocol, body part, contrast agent) is
+kept only as the rule words it holds (``radnet.rules.rule_words``), and error details
+name no path.
 
 Classic single-frame images give one frame; enhanced multi-frame images give one
 frame per item of the per-frame functional groups (position, orientation, pixel
@@ -32,6 +34,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from radnet import rules
 from radnet.dicom import values as dicom_values
 
 # Bump when the record layout or its meaning changes: cached records made by an
@@ -490,10 +493,12 @@ def read_header(path: str, secret: bytes, max_bytes: int | None = None,
             if problem:
                 record.update(status="unreadable", detail=problem)
             record.update({
-                "series_description": _text(ds, "SeriesDescription"),
-                "study_description": _text(ds, "StudyDescription"),
-                "protocol_name": _text(ds, "ProtocolName"),
-                "body_part": _text(ds, "BodyPartExamined"),
+                # Free text only as the rule words it holds (radnet.rules.rule_words):
+                # names typed into descriptions never reach the cache or an output.
+                "series_description": rules.rule_words(_text(ds, "SeriesDescription")),
+                "study_description": rules.rule_words(_text(ds, "StudyDescription")),
+                "protocol_name": rules.rule_words(_text(ds, "ProtocolName")),
+                "body_part": rules.rule_words(_text(ds, "BodyPartExamined")),
                 "image_type": _strings(ds, "ImageType"),
                 "rows": _int(ds, "Rows"),
                 "columns": _int(ds, "Columns"),
@@ -502,12 +507,11 @@ def read_header(path: str, secret: bytes, max_bytes: int | None = None,
                 "n_temporal": _int(ds, "NumberOfTemporalPositions"),
                 "ss": _strings(ds, "ScanningSequence"),
                 "sv": _strings(ds, "SequenceVariant"),
-                "sequence_name": _text(ds, "SequenceName"),
                 "tr": _floats(ds, "RepetitionTime"),
                 "te": _floats(ds, "EchoTime"),
                 "ti": _floats(ds, "InversionTime"),
                 "bvalues": [b for b in (_floats(ds, "DiffusionBValue") or [])],
-                "agent": _text(ds, "ContrastBolusAgent"),
+                "agent": _agent(_text(ds, "ContrastBolusAgent")),
                 "agent_seq": bool(_get(ds, "ContrastBolusAgentSequence")),
                 "agent_administered": "",
                 "frame_type": [],
@@ -531,6 +535,15 @@ def read_header(path: str, secret: bytes, max_bytes: int | None = None,
         message = str(e).splitlines()[0][:160] if str(e) else ""
         message = message.replace(path, "<file>").replace(os.path.dirname(path), "<folder>")
         return {"status": "unreadable", "detail": f"{type(e).__name__}: {message}"}
+
+
+def _agent(text: str) -> str:
+    """ContrastBolusAgent as the contrast rule reads it: empty, one of its words for "none",
+    or ``NAMED`` for any agent (its name, free text, is not kept)."""
+    value = text.strip().upper()
+    if value in rules.CONTRAST_NONE_WORDS:
+        return value
+    return "NAMED"
 
 
 def _file_kind(mode: int) -> str:
