@@ -16,8 +16,10 @@ run's tasks are done, every worker completes its last write (``flush_worker``), 
 client reads the markers. A worker lost with a write in flight (killed, its machine
 gone) leaves no marker for it, although its task had finished: the client builds such
 series again in a next round. A series whose task killed its worker each time it ran
-(Dask's allowed-failures) gets a marker written by the client (decode_failed,
-"worker_died: ..."), so the run ends.
+(Dask's allowed-failures) gets a marker written by the client (worker_died, transient),
+so the run ends; transient markers (worker_died, an I/O error) are not done for the next
+run, which builds those series again. A chunk or marker write that fails leaves the
+series without a marker (logged); the run ends unfinished, names it and exits 1.
 
 The label arrays and manifest.csv are written once, by the client, when every marker is
 present ("finalize"): they are a pure function of the index and the markers, so a
