@@ -27,6 +27,8 @@ effective spacing = spacing · n_slices / num_slices.
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -736,7 +738,11 @@ def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[F
     """All frames of one DICOM file, rescaled to physical values and resized in-plane
     into slots of ``workspace``."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            raise SeriesError("unreadable", f"{what}: not a regular file")
         ds = pydicom.dcmread(path)
+    except SeriesError:
+        raise
     except OSError as err:  # the file, not its content: gone, unmounted, an I/O error
         raise SeriesError("unreadable", f"{what}: cannot be read: {type(err).__name__}: "
                                         f"{err.strerror or 'I/O error'}", transient=True) from None

@@ -162,7 +162,7 @@ def _edit(paths, k, **attrs):
 
 def test_bad_pixels_and_a_too_large_series_are_excluded_with_their_reasons(tmp_path):
     huge = {"rows": 46340, "columns": 46340, "n_slices": 12}   # what the index read
-    index, dicom, series = archive(tmp_path, num_series=9, extra={8: huge})
+    index, dicom, series = archive(tmp_path, num_series=10, extra={8: huge})
     p = [s["paths"] for s in series]
     _edit(p[0], 5, RescaleSlope="nan")                 # one slice, each of these
     _edit(p[1], 5, RescaleSlope="1e39")
@@ -178,15 +178,17 @@ def test_bad_pixels_and_a_too_large_series_are_excluded_with_their_reasons(tmp_p
     ds = pydicom.dcmread(p[6][5])                      # rows and columns swapped (non-square)
     ds.Rows, ds.Columns = 16, 64
     ds.save_as(p[6][5])
+    os.unlink(p[9][2])
+    os.mkfifo(p[9][2])                                 # a file became a FIFO: never opened
     out = tmp_path / "ds"
     summary = builder.build(index, dicom, str(out), config(), progress=False)
     rows = manifest(out)
     reasons = [rows[s["series_key"]]["reason"] for s in series]
     assert reasons == ["invalid_rescale", "invalid_rescale", "invalid_rescale", "invalid_rescale",
                        "constant_volume", "pixel_data_mismatch", "inconsistent_geometry", "",
-                       "too_large"], reasons
+                       "too_large", "unreadable"], reasons
     assert summary["dataset"]["excluded"] == {"invalid_rescale": 4, "constant_volume": 1,
-                                              "pixel_data_mismatch": 1,
+                                              "pixel_data_mismatch": 1, "unreadable": 1,
                                               "inconsistent_geometry": 1, "too_large": 1}
     assert json.loads((out / "summary.json").read_text())["excluded"]["too_large"] == 1
     assert summary["dataset"]["built"] == 1 and summary["to_retry"] == 0
