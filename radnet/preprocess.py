@@ -738,8 +738,10 @@ def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[F
     """All frames of one DICOM file, rescaled to physical values and resized in-plane
     into slots of ``workspace``."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
-            raise SeriesError("unreadable", f"{what}: not a regular file")
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would block the open
+            raise SeriesError("unreadable", f"{what}: not a regular file")  # forever
+        # (a folder in a file's place fails the open below: an OSError, tried again later)
         ds = pydicom.dcmread(path)
     except SeriesError:
         raise

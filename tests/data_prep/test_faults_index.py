@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from configs import build_volumes as build_config
 from configs import index as index_config
 from data_prep import index
