@@ -472,11 +472,11 @@ def _check_inputs(tasks: list[Task], dicom_root: str, index_dir: str) -> None:
     if not missing:
         return
     total = sum(len(t.paths) for t in tasks)
-    # Line numbers of files.csv, not paths: a path can carry a patient's name.
+    # Row numbers of files.csv (header: row 1), not paths: a path can carry a patient's name.
     lines = _files_csv_lines(index_dir, {p for _, p in missing[:3]})
     raise FileNotFoundError(
         f"{len(missing)} of the {total} files the index lists for the series left to build are "
-        f"missing under --dicom_root={dicom_root} (files.csv lines {', '.join(map(str, lines))}"
+        f"missing under --dicom_root={dicom_root} (files.csv rows {', '.join(map(str, lines))}"
         f"{', …' if len(missing) > 3 else ''}): is the archive mounted, and is this the root "
         "the index was made from? Nothing was built.")
 

@@ -72,7 +72,7 @@ def test_a_missing_input_stops_the_build_and_marks_nothing_done(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "48 of the 48 files" in last and "is the archive mounted" in last, last
-    assert "files.csv lines 2, 3, 4" in last and str(tmp_path / "dicom") not in last
+    assert "files.csv rows 2, 3, 4" in last and str(tmp_path / "dicom") not in last
     assert not list((tmp_path / "ds").rglob("_build/done/*.json"))
     # The right root then builds everything (was: "0 left to build (4 already done)").
     summary = builder.build(index, dicom, str(tmp_path / "ds"), config(), progress=False)
