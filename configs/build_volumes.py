@@ -48,6 +48,11 @@ def get_config(arg=None):
     # fsync every chunk and done marker, so a finished series survives a power loss or
     # OS crash too (kill -9 alone would not need it; costs ~15 ms per write on slow disks).
     config.fsync = True
+    # Memory one series may need (radnet.preprocess.memory_estimate_bytes, from the index's
+    # rows, columns and slices), checked before decoding: beyond it the series is too_large
+    # instead of a worker killed by the OOM killer. 0: no limit. A 512² CT of 1000 slices
+    # needs ~0.2 GiB in classic files, ~1 GiB as one enhanced multi-frame file.
+    config.max_series_memory_mb = 8192.0
     if arg.tiny:
         config.volume_shape = (16, 32, 32)
         config.min_slices = 4

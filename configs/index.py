@@ -83,4 +83,9 @@ def get_config(arg=None):
     # --- reading ---
     c.chunksize = 16                  # smallest number of files per worker task (large trees use up to 256)
     c.cache_flush_s = 2.0             # the cache is flushed at least this often
+    # Budget of one header (0: none). Classic headers take 1-20 KiB and enhanced
+    # multi-frame ones a few MiB; beyond these a file is too_large (bytes read) or
+    # timeout (seconds; tried again by the next run), never a stalled index.
+    c.header_max_mb = 256.0
+    c.header_max_s = 30.0
     return c

@@ -69,7 +69,18 @@ EXCLUSION_REASONS: tuple[str, ...] = (
     "non_standard_view",
     "spacing_too_large",
     "decode_failed",
+    # Faults (docs/dataset.md, "Faults"). worker_died and timeout are transient: the next
+    # run tries the file or series again; the others are properties of the input.
+    "worker_died",          # reading it killed the worker process each time it ran (OOM, crashing codec)
+    "timeout",              # reading a header took longer than the index's header_max_s
+    "too_large",            # a header beyond header_max_bytes, or a series whose decode would need more
+                            # memory than build_volumes' max_series_memory_mb
+    "invalid_rescale",      # a slice's RescaleSlope is 0 or not finite, or its intercept is not finite
+    "pixel_data_mismatch",  # PixelData length differs from Rows × Columns × frames × BitsAllocated
+    "constant_volume",      # every voxel equal after rescale and padding removal (nothing to learn)
 )
+# Reasons that say nothing about the input: a re-run tries again.
+TRANSIENT_REASONS: tuple[str, ...] = ("worker_died", "timeout")
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 

@@ -27,6 +27,8 @@ effective spacing = spacing · n_slices / num_slices.
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -51,13 +53,19 @@ DUPLICATE_POSITION_MM = 1e-3
 
 
 class SeriesError(Exception):
-    """A series that cannot become a volume; ``reason`` is from labels.EXCLUSION_REASONS."""
+    """A series that cannot become a volume; ``reason`` is from labels.EXCLUSION_REASONS.
 
-    def __init__(self, reason: str, message: str, info: dict | None = None):
+    ``transient``: the failure says nothing about the series (a file could not be read
+    just now: I/O error, a mount gone); the volume build tries it again in its next run.
+    """
+
+    def __init__(self, reason: str, message: str, info: dict | None = None,
+                 transient: bool = False):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
         self.info = dict(info or {})  # geometry measured before the failure, for the manifest
+        self.transient = transient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +101,23 @@ class BuiltVolume:
     slice_spacing_mm: float  # mean gap between the original slices along n
     effective_spacing_mm: float  # gap between the D slices of ``volume``
     padded: bool
+
+
+def memory_estimate_bytes(rows: int, columns: int, n_slices: int, n_files: int,
+                          options: "VolumeOptions") -> int:
+    """Peak memory (bytes) of building one series, from its header facts, before decoding.
+
+    The largest file's pixel data twice (its bytes as read and, for compressed data, the
+    decoded array; 2 bytes per stored value), the full-resolution temporaries of one frame
+    (float32 values, padding masks), the series' resized frames and the float volume.
+    A 46340 × 46340 image the index accepted killed its worker by the OOM killer; with
+    this estimate against ``max_series_memory_mb`` it is ``too_large`` before any decode.
+    """
+    num_slices, out_rows, out_cols = options.volume_shape
+    frames_per_file = -(-max(n_slices, 1) // max(n_files, 1))
+    plane = rows * columns
+    return int(2 * 2 * plane * frames_per_file + 6 * plane
+               + 4 * out_rows * out_cols * (max(n_slices, 1) + num_slices))
 
 
 # --------------------------------------------------------------------------- resizing
@@ -482,6 +507,25 @@ def _group_value(frame_group, shared_group, sequence: str, keyword: str):
     return None
 
 
+def check_rescale(slope, intercept, what: str) -> None:
+    """RescaleSlope must be a finite non-zero number and RescaleIntercept a finite one, in
+    float32 too (the volume's arithmetic): one slice with slope NaN, 0 or 1e39 turned the
+    whole min-max normalised series into zeros. Absent values mean 1 and 0."""
+    for name, value, zero_ok in (("RescaleSlope", slope, False), ("RescaleIntercept", intercept, True)):
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple, MultiValue)):
+            value = value[0] if len(value) else None
+            if value is None:
+                continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise SeriesError("invalid_rescale", f"{what}: {name} {str(value)[:20]!r} is not a number") from None
+        if not np.isfinite(np.float32(number)) or (number == 0.0 and not zero_ok):
+            raise SeriesError("invalid_rescale", f"{what}: {name} is {number:g}")
+
+
 def _rescale(pixels: np.ndarray, slope, intercept) -> np.ndarray:
     """Stored values → physical values (in place when ``pixels`` is float32 already)."""
     slope = 1.0 if slope is None else float(slope)
@@ -553,6 +597,36 @@ def native_pixels(ds, scratch: Callable[[str, tuple, np.dtype], np.ndarray] | No
     return pixels
 
 
+def check_pixel_data_length(ds, what: str) -> None:
+    """Uncompressed Pixel Data must hold Rows × Columns × frames × samples × BitsAllocated
+    bits (plus one byte of padding to an even length). BitsAllocated 8 declared on 16-bit
+    data passes a "long enough" check and decodes to garbage; this one excludes it
+    (``pixel_data_mismatch``). Compressed data is checked by its decoder."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = dicom_values.value(meta, "TransferSyntaxUID") if meta is not None else None
+    element = dicom_values.element(ds, "PixelData")
+    if element is None or not isinstance(element.value, bytes):
+        return
+    try:
+        if syntax is None or pydicom.uid.UID(str(syntax)).is_compressed:
+            return
+    except (ValueError, AttributeError):
+        return
+    numbers = {}
+    for keyword, default in (("Rows", None), ("Columns", None), ("BitsAllocated", None),
+                             ("NumberOfFrames", 1), ("SamplesPerPixel", 1)):
+        value = dicom_values.number(ds, keyword, default)
+        if value is None or value != int(value) or value < 1:
+            return  # the decode names a missing or malformed attribute
+        numbers[keyword] = int(value)
+    expected = (numbers["Rows"] * numbers["Columns"] * numbers["NumberOfFrames"]
+                * numbers["SamplesPerPixel"] * numbers["BitsAllocated"] + 7) // 8
+    if len(element.value) not in (expected, expected + (expected % 2)):
+        raise SeriesError("pixel_data_mismatch",
+                          f"{what}: Pixel Data holds {len(element.value)} bytes, "
+                          f"Rows×Columns×frames×samples×BitsAllocated needs {expected}")
+
+
 def _decode(ds, what: str, scratch=None) -> np.ndarray:
     samples = dicom_values.number(ds, "SamplesPerPixel", 1.0)
     if samples != 1:
@@ -563,6 +637,7 @@ def _decode(ds, what: str, scratch=None) -> np.ndarray:
         # Rejected by name until inversion is implemented together with pixel padding.
         raise SeriesError("decode_failed", f"{what}: MONOCHROME1 (inverted grey scale) is "
                                            "not supported")
+    check_pixel_data_length(ds, what)
     pixels = native_pixels(ds, scratch)
     if pixels is not None:
         return pixels
@@ -663,7 +738,16 @@ def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[F
     """All frames of one DICOM file, rescaled to physical values and resized in-plane
     into slots of ``workspace``."""
     try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would block the open
+            raise SeriesError("unreadable", f"{what}: not a regular file")  # forever
+        # (a folder in a file's place fails the open below: an OSError, tried again later)
         ds = pydicom.dcmread(path)
+    except SeriesError:
+        raise
+    except OSError as err:  # the file, not its content: gone, unmounted, an I/O error
+        raise SeriesError("unreadable", f"{what}: cannot be read: {type(err).__name__}: "
+                                        f"{err.strerror or 'I/O error'}", transient=True) from None
     except Exception as err:
         raise SeriesError("decode_failed", f"{what}: unreadable: {type(err).__name__}: {err}") from None
     if not any(dicom_values.has(ds, k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -688,6 +772,7 @@ def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[F
                 raise SeriesError("inconsistent_geometry", f"{what}: frame {k + 1} has no plane position/orientation")
             slope = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleSlope")
             intercept = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+            check_rescale(slope, intercept, f"{what} frame {k + 1}")
             physical, fraction, least = _physical(pixels[k], workspace, slope, intercept, padding)
             frames.append(Frame(_floats(position, 3, "ImagePositionPatient"),
                                 _floats(orientation, 6, "ImageOrientationPatient"), rows, cols,
@@ -702,11 +787,13 @@ def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[F
         raise SeriesError("inconsistent_geometry", f"{what}: no ImagePositionPatient/ImageOrientationPatient")
     position = _floats(position, 3, "ImagePositionPatient")
     orientation = _floats(orientation, 6, "ImageOrientationPatient")
+    slope, intercept = dicom_values.value(ds, "RescaleSlope"), dicom_values.value(ds, "RescaleIntercept")
+    lut_ds = ds if dicom_values.has(ds, "ModalityLUTSequence") else None
+    if lut_ds is None:
+        check_rescale(slope, intercept, what)
     pixels = _decode(ds, what, workspace.scratch)
-    physical, fraction, least = _physical(
-        pixels, workspace, dicom_values.value(ds, "RescaleSlope"),
-        dicom_values.value(ds, "RescaleIntercept"), padding,
-        lut_ds=ds if dicom_values.has(ds, "ModalityLUTSequence") else None)
+    physical, fraction, least = _physical(pixels, workspace, slope, intercept, padding,
+                                          lut_ds=lut_ds)
     return [Frame(position, orientation, rows, cols, physical, fraction, least)]
 
 
@@ -851,6 +938,13 @@ def build_volume(paths: Iterable[str], options: VolumeOptions,
                           f"{options.max_effective_spacing_mm} mm", info)
     slices = [f.pixels for f in frames]  # n × float32 [out_rows, out_cols]
     del frames
+    # Nothing to learn from one grey level (all padding, or a flat phantom): excluded rather
+    # than stored as zeros.
+    lowest = min(float(p.min()) for p in slices)
+    highest = max(float(p.max()) for p in slices)
+    if not highest > lowest:
+        raise SeriesError("constant_volume", f"every voxel is {lowest:g} after rescale and "
+                          "padding removal", info)
     if padded:
         volume = np.zeros((num_slices, out_rows, out_cols), np.uint8)
         before = (num_slices - n) // 2

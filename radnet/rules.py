@@ -167,6 +167,57 @@ def has_word(text: str, words: Iterable[str]) -> list[str]:
     return [w for w, _ in find_words(text, {w: True for w in words})]
 
 
+# What a description keeps: only its rule words
+# ----------------------------------------------------------------------------
+
+# Stands for text between rule words (a name, a number): a word of letters so that
+# no phrase matches across it, and one that no table holds.
+OTHER_TEXT = "ZZ"
+
+
+def _description_words() -> tuple[str, ...]:
+    words = set(_COVERAGE_TABLE) | set(_CONTRAST_TABLE) | set(GRADIENT_ECHO_WORDS)
+    for table in EXCLUDED_PURPOSE_WORDS.values():
+        words |= set(table)
+    for group in (T1_WORDS, T2_WORDS, PD_WORDS, FLAIR_WORDS, STIR_WORDS):
+        words |= set(group)
+    return tuple(sorted(words))
+
+
+def rule_words(text: str) -> str:
+    """A description reduced to the words the rules can match, for storage without PHI.
+
+    Every span where a word of any table matches is kept as written (upper case), with
+    the separators between adjacent spans; any other text becomes ``OTHER_TEXT``. The
+    kept spans have the same neighbours as far as matching is concerned (a separator or
+    the end, never a letter or digit), so every table finds exactly the words in the
+    reduced text that it finds in the original (tests/radnet/test_rules.py): labels,
+    provenance and reasons are unchanged, while a name typed into a description is gone.
+    Non-empty text stays non-empty (missing_description looks at that).
+    """
+    upper = (text or "").upper()
+    if not upper.strip():
+        return ""
+    spans = sorted((m.start(), m.end()) for word in _DESCRIPTION_WORDS
+                   for m in _pattern(word).finditer(upper))
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    if not merged:
+        return OTHER_TEXT
+    pieces, previous = [], None
+    for start, end in merged:
+        if previous is not None:
+            gap = upper[previous:start]
+            pieces.append(gap if not re.search(r"[A-Z0-9]", gap) else f" {OTHER_TEXT} ")
+        pieces.append(upper[start:end])
+        previous = end
+    return "".join(pieces)
+
+
 # ----------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------
@@ -618,3 +669,7 @@ def effective_spacing_mm(spacing_mm: float | None, n_slices: int,
     if n_slices > target_slices:
         return spacing_mm * n_slices / target_slices
     return spacing_mm
+
+
+_DESCRIPTION_WORDS = _description_words()
+assert not any(_pattern(w).search(OTHER_TEXT) for w in _DESCRIPTION_WORDS)

@@ -48,11 +48,15 @@ def run_index(dicom_root: str, out: str, cfg, workers: int = 0,
         os.makedirs(out, exist_ok=True)
         secret = salt.load_salt(salt_file)
         collections_table = series.load_collections(collections_csv)
-        paths = reading.walk(dicom_root, skip=[out])
+        problems: dict[str, dict] = {}
+        paths = reading.walk(dicom_root, skip=[out], problems=problems)
         cache = reading.HeaderCache(os.path.join(out, "cache", "headers.jsonl"),
                                     salt.salt_fingerprint(secret))
+        budget = (int(cfg.header_max_mb * 2**20) if cfg.header_max_mb > 0 else None,
+                  float(cfg.header_max_s) if cfg.header_max_s > 0 else None)
         records = reading.read_all(dicom_root, paths, secret, cache, eng, cfg.chunksize,
-                                   cfg.cache_flush_s, progress)
+                                   cfg.cache_flush_s, progress, problems=problems,
+                                   budget=budget)
     series_rows, file_key, review_rows = series.build_series(records, secret, cfg,
                                                              collections_table)
     outputs.assign_splits(series_rows, cfg)

@@ -44,6 +44,12 @@ def main(argv):
         cluster.exit_with_error(str(err))
     print(outputs.format_summary(summary))
     logging.info("wrote %s", FLAGS.out)
+    if summary["files"].get("to_retry"):
+        # Killed workers or stalled reads: the tables are complete, but these files
+        # deserve another try (a re-run reads only them; the rest comes from the cache).
+        logging.error("%d file(s) recorded worker_died/timeout; run the same command again",
+                      summary["files"]["to_retry"])
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

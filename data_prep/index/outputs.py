@@ -88,14 +88,33 @@ def apply_overrides(series_rows: list[dict], path: str | None) -> int:
     return n
 
 
+# Paths are file names as the file system gives them: a name that is not UTF-8 is kept
+# with os.fsdecode's surrogate escapes, which this error handler writes back as the
+# original bytes (read the file with the same handler to get the same str back).
+CSV_ENCODING, CSV_ERRORS = "utf-8", "surrogateescape"
+
+
+def open_csv(path: str):
+    """An index CSV for csv.DictReader: every path as walk() gave it (docs/index.md)."""
+    return open(path, newline="", encoding=CSV_ENCODING, errors=CSV_ERRORS)
+
+
 def write_csv(path: str, columns, rows) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore",
-                           lineterminator="\n")
-        w.writeheader()
+    with open(tmp, "w", newline="", encoding=CSV_ENCODING, errors=CSV_ERRORS) as f:
+        plain = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore",
+                               lineterminator="\n")
+        # QUOTE_MINIMAL quotes a field holding "\n" (the line terminator) but not one
+        # holding "\r", which a reader then rejects ("new-line character seen in unquoted
+        # field"): such rows are written fully quoted, the others stay as they were.
+        quoted = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore",
+                                lineterminator="\n", quoting=csv.QUOTE_ALL)
+        plain.writeheader()
         for r in rows:
-            w.writerow(r)
+            if any("\r" in str(v) for v in r.values()):
+                quoted.writerow(r)
+            else:
+                plain.writerow(r)
     os.replace(tmp, path)
 
 
@@ -124,6 +143,8 @@ def summarize(files_rows, series_rows, review_rows) -> dict:
     return {
         "files": {"total": len(files_rows), "included": file_status.get("included", 0),
                   "excluded": file_status.get("excluded", 0),
+                  # worker_died / timeout: nothing wrong with the file known; a re-run retries
+                  "to_retry": sum(file_reason[k] for k in labels.TRANSIENT_REASONS),
                   "by_reason": {k: file_reason[k] for k in labels.EXCLUSION_REASONS
                                 if file_reason[k]}},
         "series": {"total": len(series_rows),
@@ -155,6 +176,9 @@ def format_summary(summary: dict) -> str:
             print(f"{name[:11]:<12}" + "".join(f"{sp[k][head][name]:>8}" for k in labels.SPLITS),
                   file=out)
     print(f"review rows: {summary['review_rows']}", file=out)
+    if summary["files"].get("to_retry"):
+        print(f"files to retry: {summary['files']['to_retry']} (worker_died/timeout; "
+              "run the same command again)", file=out)
     return out.getvalue()
 
 
@@ -170,7 +194,7 @@ def file_rows(paths: list[str], records: dict[str, dict], file_key: dict[str, st
         key = file_key.get(rel, "")
         series = by_key.get(key)
         if record["status"] == "unreadable":
-            status, reason = "excluded", "unreadable"
+            status, reason = "excluded", record.get("reason") or "unreadable"
         elif record["status"] == "not_image":
             status, reason = "excluded", "not_image"
         elif series is None:

@@ -13,6 +13,7 @@ import json
 import logging as std_logging
 import os
 import pickle
+import stat
 import sys
 import time
 from typing import Iterable
@@ -24,17 +25,47 @@ from data_prep import cluster
 from radnet.dicom import headers as dicom_headers
 
 
-def walk(dicom_root: str, skip: Iterable[str] = ()) -> list[str]:
-    """Every file under ``dicom_root`` as a sorted '/'-separated relative path."""
+def walk(dicom_root: str, skip: Iterable[str] = (),
+         problems: dict[str, dict] | None = None) -> list[str]:
+    """Every file under ``dicom_root`` as a sorted '/'-separated relative path.
+
+    A folder that cannot be listed (permissions, a stale mount) and a symbolic link to a
+    folder (not followed: it could loop, or leave the archive) are entries too, as
+    ``"rel/path/"``; their records (unreadable, with the error) go into ``problems``.
+    Names the file system allows but UTF-8 does not are kept as Python keeps them
+    (os.fsdecode's surrogate escapes), so they open again and round-trip through files.csv.
+    """
     root = os.path.abspath(dicom_root)
     skip_abs = {os.path.abspath(s) for s in skip}
+    problems = {} if problems is None else problems
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames
-                             if os.path.join(dirpath, d) not in skip_abs)
+
+    def relative(full: str) -> str:
+        rel = os.path.relpath(full, root).replace(os.sep, "/")
+        return "" if rel == "." else rel
+
+    def unlisted(err: OSError) -> None:  # os.walk's error hook: the folder is a row
+        rel = relative(err.filename) + "/"
+        found.append(rel)
+        problems[rel] = {"status": "unreadable",
+                         "detail": f"folder cannot be listed: {err.strerror or type(err).__name__}"}
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted):
+        kept = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if full in skip_abs:
+                continue
+            if os.path.islink(full):
+                rel = relative(full) + "/"
+                found.append(rel)
+                problems[rel] = {"status": "unreadable",
+                                 "detail": "symbolic link to a folder (not followed)"}
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
-            full = os.path.join(dirpath, name)
-            found.append(os.path.relpath(full, root).replace(os.sep, "/"))
+            found.append(relative(os.path.join(dirpath, name)))
     return sorted(found)
 
 
@@ -63,7 +94,8 @@ def _cache_line(rel: str, size: int, mtime: int, record: dict) -> str:
     return json.dumps({"p": rel, "s": size, "m": mtime, "r": record}, separators=(",", ":")) + "\n"
 
 
-def read_chunk(tasks: list[tuple[str, int, int]], secret: bytes, root: str) -> bytes:
+def read_chunk(tasks: list[tuple[str, int, int]], secret: bytes, root: str,
+               budget: tuple[int | None, float | None] = (None, None)) -> bytes:
     """Records of a few files, each with its cache line already encoded (a Dask task):
     a pickled list of (path, size, mtime, record, cache line).
 
@@ -81,7 +113,7 @@ def read_chunk(tasks: list[tuple[str, int, int]], secret: bytes, root: str) -> b
         _QUIET = True
     out = []
     for rel, size, mtime in tasks:
-        record = dicom_headers.read_header(os.path.join(root, rel), secret)
+        record = dicom_headers.read_header(os.path.join(root, rel), secret, *budget)
         out.append((rel, size, mtime, record, _cache_line(rel, size, mtime, record)))
     return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -155,22 +187,32 @@ class HeaderCache:
 
 def read_all(dicom_root: str, paths: list[str], secret: bytes, cache: HeaderCache,
              eng: cluster.Engine, chunksize: int = 16, flush_s: float = 2.0,
-             progress: bool = True) -> dict[str, dict]:
+             progress: bool = True, problems: dict[str, dict] | None = None,
+             budget: tuple[int | None, float | None] = (None, None)) -> dict[str, dict]:
     """Header record of every path (from the cache where unchanged), read on ``eng``.
 
     ``chunksize`` is the smallest number of files per task; larger trees use larger
     tasks (see below). Records reach the cache (written by this process alone) as each
     task ends. A chunk that kept killing its workers is read again file by file, and a
-    file that still does is recorded ``unreadable`` (detail ``worker_died: …``).
+    file that still does is recorded ``unreadable`` with reason ``worker_died``.
+    ``problems``: records known without reading (``walk``'s unlistable folders);
+    ``budget``: (bytes, seconds) per header (``read_header``). Transient records
+    (worker_died, timeout) are not cached: the next run reads those files again.
     """
     root = os.path.abspath(dicom_root)
     records: dict[str, dict] = {}
     todo: list[tuple[str, int, int]] = []
     for rel in paths:
+        if problems and rel in problems:
+            records[rel] = problems[rel]
+            continue
         try:
             st = os.stat(os.path.join(root, rel))
         except OSError as e:
             records[rel] = {"status": "unreadable", "detail": f"stat failed: {e.strerror}"}
+            continue
+        if not stat.S_ISREG(st.st_mode):  # never opened: a FIFO's open blocks forever
+            records[rel] = dicom_headers.read_header(os.path.join(root, rel), secret)
             continue
         hit = cache.lookup(rel, st.st_size, st.st_mtime_ns)
         if hit is not None:
@@ -190,21 +232,24 @@ def read_all(dicom_root: str, paths: list[str], secret: bytes, cache: HeaderCach
         chunks = _chunks(todo, chunksize, workers)
         while chunks:
             retry = []
-            for i, chunk in eng.map(read_chunk, chunks, key="headers", secret=secret, root=root):
+            for i, chunk in eng.map(read_chunk, chunks, key="headers", secret=secret, root=root,
+                                    budget=budget):
                 if isinstance(chunk, cluster.WorkerDied):
                     if len(chunks[i]) > 1:  # find the file that does it: one task per file
                         retry.extend([t] for t in chunks[i])
                         continue
                     rel, size, mtime = chunks[i][0]
-                    record = {"status": "unreadable", "detail": chunk.message}
+                    record = {"status": "unreadable", "reason": "worker_died",
+                              "detail": chunk.message, "transient": True}
                     logging.warning("reading one file killed its worker repeatedly: "
-                                    "recorded unreadable")
+                                    "recorded worker_died (the next run tries it again)")
                     chunk = [(rel, size, mtime, record, _cache_line(rel, size, mtime, record))]
                 else:
                     chunk = pickle.loads(chunk)
                 for rel, size, mtime, record, line in chunk:
                     records[rel] = record
-                    cache.add(rel, size, mtime, record, line)
+                    if not record.get("transient"):
+                        cache.add(rel, size, mtime, record, line)
                 bar.update(len(chunk))
                 now = time.monotonic()
                 if now - last_flush > flush_s:

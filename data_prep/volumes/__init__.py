@@ -9,6 +9,7 @@ Per series: pixels decoded with pydicom, rescaled per slice (per frame for enhan
 multi-frame), ordered along the slice normal, linearly resized to the configured shape
 (48×192×192 by default; fewer slices → centred and padded, never stretched), min-max
 normalised to uint8. A series that fails is recorded (decode_failed, spacing_too_large,
+invalid_rescale, constant_volume, too_large, worker_died,
 …) with split -1 and the build goes on.
 
 Series are Dask tasks (data_prep/cluster.py): on a LocalCluster of ``--workers``

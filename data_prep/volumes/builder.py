@@ -16,8 +16,10 @@ run's tasks are done, every worker completes its last write (``flush_worker``), 
 client reads the markers. A worker lost with a write in flight (killed, its machine
 gone) leaves no marker for it, although its task had finished: the client builds such
 series again in a next round. A series whose task killed its worker each time it ran
-(Dask's allowed-failures) gets a marker written by the client (decode_failed,
-"worker_died: ..."), so the run ends.
+(Dask's allowed-failures) gets a marker written by the client (worker_died, transient),
+so the run ends; transient markers (worker_died, an I/O error) are not done for the next
+run, which builds those series again. A chunk or marker write that fails leaves the
+series without a marker (logged); the run ends unfinished, names it and exits 1.
 
 The label arrays and manifest.csv are written once, by the client, when every marker is
 present ("finalize"): they are a pure function of the index and the markers, so a
@@ -61,6 +63,7 @@ class Task:
     series_key: str
     paths: tuple[str, ...]  # relative to dicom_root, '/'-separated (never logged)
     orientation: tuple[float, ...] | None = None  # the index's 6 cosines, if given
+    size: tuple[int, int, int] | None = None  # the index's rows, columns, n_slices, if given
 
 
 def parse_orientation(text: str | None) -> tuple[float, ...] | None:
@@ -70,6 +73,15 @@ def parse_orientation(text: str | None) -> tuple[float, ...] | None:
     except ValueError:
         return None
     return values if len(values) == 6 and all(math.isfinite(v) for v in values) else None
+
+
+def parse_size(row: dict) -> tuple[int, int, int] | None:
+    """series.csv rows, columns, n_slices → ints; None if any is absent or malformed."""
+    try:
+        size = tuple(int(row.get(k) or 0) for k in ("rows", "columns", "n_slices"))
+    except ValueError:
+        return None
+    return size if all(v > 0 for v in size) else None
 
 
 def options_from_config(config) -> preprocess.VolumeOptions:
@@ -104,7 +116,9 @@ def load_index(index_dir: str) -> tuple[list[dict], dict[str, list[str]], str]:
         with open(path, "rb") as f:
             raw = f.read()
         digest.update(name.encode() + b"\0" + raw)
-        tables[name] = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+        # surrogateescape: file names that are not UTF-8, as the index wrote them
+        tables[name] = list(csv.DictReader(io.StringIO(raw.decode("utf-8", "surrogateescape"),
+                                                       newline="")))
     needed = {"series.csv": ("series_key", "status", "split"),
               "files.csv": ("path", "series_key", "status")}
     for name, columns in needed.items():
@@ -132,6 +146,7 @@ class Run:
     dicom_root: str
     options: preprocess.VolumeOptions
     fsync: bool
+    max_series_bytes: int | None = None  # memory a series may need (None: no limit)
 
 
 # Per worker process, kept from task to task: the open arrays of the current run, its
@@ -172,10 +187,16 @@ def flush_worker() -> None:
     if pending is None:
         return
     chunk, outcome = pending
-    if chunk is not None:
-        chunk.result()
-    _WORKER["markers"].write(_marker_key(outcome["index"]),
-                             json.dumps(outcome, sort_keys=True).encode()).result()
+    try:
+        if chunk is not None:
+            chunk.result()
+        _WORKER["markers"].write(_marker_key(outcome["index"]),
+                                 json.dumps(outcome, sort_keys=True).encode()).result()
+    except Exception as err:  # noqa: BLE001 -- a full disk, a lost bucket: this series only
+        # No marker: the series is not done, and the run says so at its end; a re-run
+        # builds it again. The build goes on (other writes may still fit).
+        logging.error("series %d (%s): its volume could not be written: %s", outcome["index"],
+                      outcome["series_key"][:12], str(err).splitlines()[0][:300])
 
 
 def _marker_key(index: int) -> str:
@@ -201,9 +222,12 @@ def _bytes(paths: list[str]) -> int:
 
 
 def _outcome(task: Task, bytes_read: int = 0) -> dict:
+    # transient: a failure that says nothing about the series (labels.TRANSIENT_REASONS,
+    # an I/O error): recorded, and built again by the next run.
     return {"index": task.index, "series_key": task.series_key, "status": "included",
             "reason": "", "message": "", "n_slices": None, "rows": None, "columns": None,
-            "slice_spacing_mm": None, "effective_spacing_mm": None, "bytes_read": bytes_read}
+            "slice_spacing_mm": None, "effective_spacing_mm": None, "bytes_read": bytes_read,
+            "transient": False}
 
 
 def build_series(task: Task, run: Run) -> dict:
@@ -224,11 +248,19 @@ def build_series(task: Task, run: Run) -> dict:
             # frames the index split into several series is listed under one of them.
             raise preprocess.SeriesError("decode_failed", "files.csv lists no included file "
                                           "for this series")
+        if run.max_series_bytes is not None and task.size is not None:
+            need = preprocess.memory_estimate_bytes(*task.size, len(abs_paths), options)
+            if need > run.max_series_bytes:
+                raise preprocess.SeriesError(
+                    "too_large", f"{task.size[0]}x{task.size[1]} pixels, {task.size[2]} slices "
+                    f"in {len(abs_paths)} file(s) need about {need / 2**20:.0f} MiB, more than "
+                    f"max_series_memory_mb={run.max_series_bytes / 2**20:.0f}")
         built = preprocess.build_volume(abs_paths, options, orientation=task.orientation,
                                          workspace=state["workspace"])
     except preprocess.SeriesError as err:
         outcome.update(status="excluded", reason=err.reason,
-                       message=_scrub(err.message, abs_paths, root), **err.info)
+                       message=_scrub(err.message, abs_paths, root), transient=err.transient,
+                       **err.info)
     except Exception as err:  # any other failure of one series must not stop the build
         outcome.update(status="excluded", reason="decode_failed",
                        message=_scrub(f"{type(err).__name__}: {err}", abs_paths, root))
@@ -252,6 +284,16 @@ def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def missing_inputs(tasks: list[Task], dicom_root: str) -> list[tuple[int, str]]:
+    """(series index, path) of every file the tasks name that is not there."""
+    missing = []
+    for task in tasks:
+        for p in task.paths:
+            if not os.path.exists(os.path.join(dicom_root, *p.split("/"))):
+                missing.append((task.index, p))
+    return missing
 
 
 def read_markers(out: str) -> dict[int, dict]:
@@ -307,6 +349,9 @@ def finalize(out: str, series: list[dict], done: dict[int, dict]) -> dict:
         arr.write(values[name]).result()
     summary = {"num_series": n, "built": n - sum(reasons.values()),
                "excluded": dict(sorted(reasons.items())),
+               # excluded for a reason that may pass (worker_died, an I/O error): a re-run
+               # of the build tries them again
+               "to_retry": sum(bool(done[i].get("transient")) for i in range(n)),
                "splits": dict(Counter(labels.SPLITS[s] for s in values["split"] if s >= 0))}
     kv = _kvstore(out)
     kv.write("manifest.csv", manifest.getvalue().encode()).result()
@@ -353,20 +398,24 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
     if not series:
         raise ValueError(f"{index_dir}/series.csv has no included series")
     all_tasks = [Task(i, row["series_key"], tuple(files[row["series_key"]]),
-                      parse_orientation(row.get("orientation")))
+                      parse_orientation(row.get("orientation")), parse_size(row))
                  for i, row in enumerate(series)]
     # Absolute, so that workers started elsewhere (another cwd) find the same files.
     local = "://" not in out
+    limit_mb = float(config.get("max_series_memory_mb", 0) or 0)
     run = Run(uuid.uuid4().hex, os.path.abspath(out) if local else out,
-              os.path.abspath(dicom_root), options_from_config(config), bool(config.fsync))
+              os.path.abspath(dicom_root), options_from_config(config), bool(config.fsync),
+              int(limit_mb * 2**20) if limit_mb > 0 else None)
     outcomes: dict[int, dict] = {}
     # The cluster first: an unreachable scheduler fails before anything is written.
     with cluster.engine(scheduler, workers, connect_timeout_s=connect_timeout_s) as eng:
         start = time.perf_counter()
         _prepare_dataset(out, len(series), config, fingerprint, overwrite)
-        done = read_markers(out)
+        # A transient failure of an earlier run (worker_died, an I/O error) is not done.
+        done = {i: o for i, o in read_markers(out).items() if not o.get("transient")}
         logging.info("%d series in the index; %d left to build (%d already done)",
                      len(series), len(series) - len(done), len(done))
+        _check_inputs([t for t in all_tasks if t.index not in done], run.dicom_root, index_dir)
         for round_ in range(_ROUNDS):
             tasks = [t for t in all_tasks if t.index not in done]
             if not tasks:
@@ -385,15 +434,57 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
                "series_per_s": round(len(finished) / seconds, 3) if finished and seconds > 0 else None,
                "mb_read_per_s": round(sum(o["bytes_read"] for o in finished) / 1e6 / seconds, 3)
                if finished and seconds > 0 else None}
+    retry = sorted(i for i, o in done.items() if o.get("transient"))
+    summary["to_retry"] = len(retry)
     if len(done) == len(series):
-        summary["finalized"] = True
-        summary["dataset"] = finalize(out, series, done)
+        try:
+            summary["dataset"] = finalize(out, series, done)
+            summary["finalized"] = True
+        except Exception as err:  # noqa: BLE001 -- e.g. the disk filled up: said, not a traceback
+            summary["finalized"] = False
+            logging.error("the dataset's labels and manifest could not be written: %s; run "
+                          "the same command again", str(err).splitlines()[0][:300])
+        if retry:
+            logging.error("%d series failed for a reason that may pass (%s); they are recorded "
+                          "in errors.csv and the same command builds them again: %s", len(retry),
+                          ", ".join(sorted({done[i]["reason"] for i in retry})), _names(retry, series))
     else:
         summary["finalized"] = False
-        logging.error("%d of %d series have no done marker after %d rounds; run the same "
-                      "command again to build them", len(series) - len(done), len(series), _ROUNDS)
+        left = sorted(set(range(len(series))) - set(done))
+        logging.error("%d of %d series are unfinished (no done marker after %d rounds: their "
+                      "volume could not be written, or their worker was lost): %s; run the same "
+                      "command again to build them", len(left), len(series), _ROUNDS,
+                      _names(left, series))
     logging.info("summary: %s", json.dumps(summary, sort_keys=True))
     return summary
+
+
+def _names(indices: list[int], series: list[dict], at_most: int = 10) -> str:
+    """'index (key prefix)' of the first few series: dataset rows a person can look up."""
+    shown = ", ".join(f"{i} ({series[i]['series_key'][:12]})" for i in indices[:at_most])
+    return shown + (f" and {len(indices) - at_most} more" if len(indices) > at_most else "")
+
+
+def _check_inputs(tasks: list[Task], dicom_root: str, index_dir: str) -> None:
+    """Stops the build before any series when files the index lists are absent: a wrong or
+    unmounted --dicom_root must not turn every series into a permanent decode_failed."""
+    missing = missing_inputs(tasks, dicom_root)
+    if not missing:
+        return
+    total = sum(len(t.paths) for t in tasks)
+    # Row numbers of files.csv (header: row 1), not paths: a path can carry a patient's name.
+    lines = _files_csv_lines(index_dir, {p for _, p in missing[:3]})
+    raise FileNotFoundError(
+        f"{len(missing)} of the {total} files the index lists for the series left to build are "
+        f"missing under --dicom_root={dicom_root} (files.csv rows {', '.join(map(str, lines))}"
+        f"{', …' if len(missing) > 3 else ''}): is the archive mounted, and is this the root "
+        "the index was made from? Nothing was built.")
+
+
+def _files_csv_lines(index_dir: str, paths: set[str]) -> list[int]:
+    with open(os.path.join(index_dir, "files.csv"), newline="", encoding="utf-8",
+              errors="surrogateescape") as f:
+        return sorted(n for n, row in enumerate(csv.DictReader(f), start=2) if row["path"] in paths)
 
 
 def _run_tasks(eng: cluster.Engine, tasks: list[Task], run: Run, outcomes: dict[int, dict],
@@ -407,8 +498,8 @@ def _run_tasks(eng: cluster.Engine, tasks: list[Task], run: Run, outcomes: dict[
             if isinstance(outcome, cluster.WorkerDied):
                 # Building it killed every worker it ran on: recorded (by this process,
                 # the marker's only writer then), so the run ends and a re-run agrees.
-                outcome = _outcome(tasks[i]) | {"status": "excluded", "reason": "decode_failed",
-                                                "message": outcome.message}
+                outcome = _outcome(tasks[i]) | {"status": "excluded", "reason": "worker_died",
+                                                "message": outcome.message, "transient": True}
                 markers = markers or _kvstore(run.out, BUILD_PREFIX, _context(run.fsync))
                 markers.write(_marker_key(outcome["index"]),
                               json.dumps(outcome, sort_keys=True).encode()).result()

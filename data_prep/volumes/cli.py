@@ -49,6 +49,6 @@ def main(argv):
     except (cluster.ClusterError, FileNotFoundError, NotADirectoryError) as err:
         cluster.exit_with_error(str(err))
     print(json.dumps(summary, sort_keys=True))
-    if not summary["finalized"]:
+    if not summary["finalized"] or summary.get("to_retry"):
         raise SystemExit(1)  # the log said which series are left; a re-run builds them
     logging.info("done")

@@ -9,7 +9,9 @@ here and not when the volume builder decodes it.
 Identity never leaves this module in clear: patient, study, series and instance
 identifiers are turned into keyed BLAKE2 digests (``keyed_hash``) before the
 record is returned, so neither the cache nor any output holds a raw UID, name,
-ID or birth date.
+ID or birth date. Free text (descriptions, protocol, body part, contrast agent) is
+kept only as the rule words it holds (``radnet.rules.rule_words``), and error details
+name no path.
 
 Classic single-frame images give one frame; enhanced multi-frame images give one
 frame per item of the per-frame functional groups (position, orientation, pixel
@@ -21,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import struct
+import time
 import warnings
 from typing import Any
 
@@ -30,11 +34,12 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from radnet import rules
 from radnet.dicom import values as dicom_values
 
 # Bump when the record layout or its meaning changes: cached records made by an
 # older reader are then parsed again.
-READER_VERSION = 5
+READER_VERSION = 6
 
 _KEYWORDS = (
     # identity (hashed, never stored in clear)
@@ -331,6 +336,39 @@ PREFIX_BYTES = 64 * 1024
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
+class HeaderBudgetExceeded(Exception):
+    """Reading one header took more bytes or seconds than its budget allows."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason  # "too_large" (bytes) or "timeout" (seconds)
+
+
+class _Budgeted:
+    """A file that raises :class:`HeaderBudgetExceeded` once more than ``max_bytes`` have
+    been read from it or ``max_seconds`` have passed since it was opened (checked at each
+    read: pydicom reads element by element, so a file of zeros parsed as millions of empty
+    elements is stopped, as is a file on a mount that crawls)."""
+
+    def __init__(self, fp, max_bytes: int | None, max_seconds: float | None):
+        self._fp, self._max_bytes = fp, max_bytes
+        self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        self._max_seconds = max_seconds
+        self._read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fp.read(size)
+        self._read += len(data)
+        if self._max_bytes is not None and self._read > self._max_bytes:
+            raise HeaderBudgetExceeded("too_large", f"header longer than {self._max_bytes} bytes")
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise HeaderBudgetExceeded("timeout", f"header not read within {self._max_seconds:g} s")
+        return data
+
+    def __getattr__(self, name):  # seek, tell, name, …: the file's own
+        return getattr(self._fp, name)
+
+
 def _parse(src):
     """(data set, forced) from a file-like at 0; (None, True) when it is not DICOM."""
     try:
@@ -372,16 +410,26 @@ def _stopped_at_pixels(src: io.BytesIO, ds, prefix: bytes) -> bool:
     return (group << 16 | elem) in _PIXEL_TAGS
 
 
-def read_header(path: str, secret: bytes) -> dict[str, Any]:
+def read_header(path: str, secret: bytes, max_bytes: int | None = None,
+                max_seconds: float | None = None) -> dict[str, Any]:
     """One file → a record (dict of plain values). Never raises for bad input.
 
     ``status`` is ``ok`` (an image with a header we can use), ``not_image``
     (a readable DICOM object without images: SR, RT, PR, DICOMDIR, …) or
-    ``unreadable`` (not DICOM, truncated, malformed); ``detail`` says why.
+    ``unreadable`` (not DICOM, truncated, malformed); ``detail`` says why. An unreadable
+    record may name a ``reason`` of labels.EXCLUSION_REASONS other than ``unreadable``:
+    ``too_large`` (more than ``max_bytes`` read) or ``timeout`` (more than ``max_seconds``;
+    then ``transient`` is true: the next run tries again). Only regular files are opened
+    (a FIFO would block the open forever).
     """
     try:
-        file_size = os.path.getsize(path)
-        with open(path, "rb") as fp, warnings.catch_warnings():
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return {"status": "unreadable", "detail": f"not a regular file ({_file_kind(st.st_mode)})"}
+        file_size = st.st_size
+        with open(path, "rb") as raw_fp, warnings.catch_warnings():
+            fp = raw_fp if max_bytes is None and max_seconds is None else \
+                _Budgeted(raw_fp, max_bytes, max_seconds)
             warnings.simplefilter("ignore")  # invalid VR values are handled per value below
             # Parse from the file's first bytes in memory: pydicom asks the file
             # for its position several times per element, and on a real file each
@@ -396,6 +444,12 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
                     parsed = _parse(src)
                 except Exception:  # noqa: BLE001 -- the prefix may end mid-element
                     parsed = None
+                if parsed is not None and parsed[0] is None:
+                    # No preamble, and a forced parse of the first PREFIX_BYTES finds no
+                    # SOP class nor modality + series UID (group 0008/0020 elements lead
+                    # every data set): not DICOM. Parsing the rest of a large file of
+                    # zeros as empty elements took minutes.
+                    return {"status": "unreadable", "detail": "not a DICOM file"}
                 if parsed is not None and not _stopped_at_pixels(src, parsed[0], prefix):
                     parsed = None
                 if parsed is None:
@@ -439,10 +493,12 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
             if problem:
                 record.update(status="unreadable", detail=problem)
             record.update({
-                "series_description": _text(ds, "SeriesDescription"),
-                "study_description": _text(ds, "StudyDescription"),
-                "protocol_name": _text(ds, "ProtocolName"),
-                "body_part": _text(ds, "BodyPartExamined"),
+                # Free text only as the rule words it holds (radnet.rules.rule_words):
+                # names typed into descriptions never reach the cache or an output.
+                "series_description": rules.rule_words(_text(ds, "SeriesDescription")),
+                "study_description": rules.rule_words(_text(ds, "StudyDescription")),
+                "protocol_name": rules.rule_words(_text(ds, "ProtocolName")),
+                "body_part": rules.rule_words(_text(ds, "BodyPartExamined")),
                 "image_type": _strings(ds, "ImageType"),
                 "rows": _int(ds, "Rows"),
                 "columns": _int(ds, "Columns"),
@@ -451,12 +507,11 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
                 "n_temporal": _int(ds, "NumberOfTemporalPositions"),
                 "ss": _strings(ds, "ScanningSequence"),
                 "sv": _strings(ds, "SequenceVariant"),
-                "sequence_name": _text(ds, "SequenceName"),
                 "tr": _floats(ds, "RepetitionTime"),
                 "te": _floats(ds, "EchoTime"),
                 "ti": _floats(ds, "InversionTime"),
                 "bvalues": [b for b in (_floats(ds, "DiffusionBValue") or [])],
-                "agent": _text(ds, "ContrastBolusAgent"),
+                "agent": _agent(_text(ds, "ContrastBolusAgent")),
                 "agent_seq": bool(_get(ds, "ContrastBolusAgentSequence")),
                 "agent_administered": "",
                 "frame_type": [],
@@ -471,6 +526,30 @@ def read_header(path: str, secret: bytes) -> dict[str, Any]:
                 record["bvalues"] = sorted(set(record["bvalues"]) | set(enhanced["bvalues"]))
                 record["agent_administered"] = enhanced["agent_administered"]
             return record
+    except HeaderBudgetExceeded as e:
+        return {"status": "unreadable", "reason": e.reason, "detail": str(e),
+                "transient": e.reason == "timeout"}
+    except OSError as e:  # its text would name the file (an absolute path)
+        return {"status": "unreadable", "detail": f"{type(e).__name__}: {e.strerror or 'I/O error'}"}
     except Exception as e:  # noqa: BLE001 -- any parse failure is a recorded reason, not a crash
         message = str(e).splitlines()[0][:160] if str(e) else ""
+        message = message.replace(path, "<file>").replace(os.path.dirname(path), "<folder>")
         return {"status": "unreadable", "detail": f"{type(e).__name__}: {message}"}
+
+
+def _agent(text: str) -> str:
+    """ContrastBolusAgent as the contrast rule reads it: empty, one of its words for "none",
+    or ``NAMED`` for any agent (its name, free text, is not kept)."""
+    value = text.strip().upper()
+    if value in rules.CONTRAST_NONE_WORDS:
+        return value
+    return "NAMED"
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"

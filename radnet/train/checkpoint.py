@@ -21,6 +21,7 @@ variables and stops with every missing, unexpected or mis-shaped parameter named
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
 from typing import Any, Mapping
@@ -64,8 +65,15 @@ def make_manager(workdir: str, checkpoint_config, *, read_only: bool = False) ->
             reverse=(mode == "min"), n=int(checkpoint_config.keep_best),
             # steps saved between evaluations carry no metric; LatestN decides for them.
             keep_checkpoints_without_metrics=False))
+    metric = checkpoint_config.best_metric
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_preservation.AnyPreservationPolicy(policies),
+        # Orbax writes a step's metrics (its "metrics" item) only when best_fn is set; without
+        # them a resumed manager saw every older step as metric-less and BestN deleted the
+        # best one at the next save. best_fn only switches the writing on here: which steps
+        # stay is the preservation policy's business.
+        best_fn=lambda metrics: float(metrics.get(metric, math.nan)),
+        best_mode=_check_mode(checkpoint_config.best_mode),
         enable_async_checkpointing=bool(checkpoint_config.get("async_save", True)),
         read_only=read_only,
         create=not read_only,
@@ -81,9 +89,21 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+class _DropMetricLessWarning(std_logging.Filter):
+    """Orbax warns at every save without metrics once best_fn is set; steps between
+    evaluations carry none by design (LatestN keeps them)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "did not provide metrics" not in str(record.msg)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None,
          metrics: dict[str, float] | None = None) -> bool:
-    """Starts a save of ``state`` (and the data iterator's position) at ``step``."""
+    """Starts a save of ``state`` (and the data iterator's position) at ``step``; ``metrics``
+    (the evaluation of that step, if any) are stored with it for the best-N policy."""
+    absl_logger = logging.get_absl_logger()
+    if not any(isinstance(f, _DropMetricLessWarning) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropMetricLessWarning())
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     if data_iter is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)

@@ -138,7 +138,8 @@ def test_series_errors_carry_specific_reasons(tmp_path):
     bad.write_bytes(Path(paths[0]).read_bytes()[:-100])  # pixel data cut short
     with pytest.raises(preprocess.SeriesError) as err:
         preprocess.build_volume(paths[1:] + [str(bad)], opts((4, 8, 8), max_effective_spacing_mm=100.0))
-    assert err.value.reason == "decode_failed" and str(tmp_path) not in err.value.message
+    # The length check names it before any decoder tries (issue 16 point 5).
+    assert err.value.reason == "pixel_data_mismatch" and str(tmp_path) not in err.value.message
 
 
 def test_monochrome1_is_refused_by_name(tmp_path):
@@ -263,11 +264,12 @@ def test_padding_attributes_follow_pixel_representation(tmp_path):
     assert pad == preprocess.Padding(0, 100)
     np.testing.assert_array_equal(pad.mask(np.array([0, 50, 100, 101], np.uint16)),
                                   [True, True, True, False])
-    # A series that is all padding is constant: zeros, never NaN.
+    # A series that is all padding is constant: excluded (issue 16 point 5), never NaN.
     paths, truth = synth.write_body_series(str(tmp_path), 4, 8, 8, padding=-2000,
                                            pad_mask=np.ones((4, 8, 8), bool))
-    built = preprocess.build_volume(paths, opts((4, 8, 8)))
-    assert built.volume.dtype == np.uint8 and not built.volume.any()
+    with pytest.raises(preprocess.SeriesError) as err:
+        preprocess.build_volume(paths, opts((4, 8, 8)))
+    assert err.value.reason == "constant_volume"
 
 
 # ------------------------------------------------------------ native decode fast path

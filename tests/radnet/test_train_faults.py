@@ -58,3 +58,19 @@ def test_every_pretraining_metric_name_is_declared(dataset, tmp_path):  # noqa: 
     returned = set(val) - {"step", "split"}
     assert returned <= set(pretrain.METRIC_NAMES), returned - set(pretrain.METRIC_NAMES)
     assert {"loss", "sequence/accuracy", "coverage/exact_match"} <= returned
+
+
+def test_the_best_checkpoint_survives_a_resume(dataset, tmp_path):  # noqa: F811
+    """Issue 16 point 4: Orbax kept no metrics on disk (its metadata said "metrics": {}), so a
+    resumed run saw its best step as metric-less and deleted it at the next save."""
+    workdir = str(tmp_path / "run")
+    common = {"train.num_steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 1,
+              "checkpoint.keep_latest": 1, "checkpoint.keep_best": 1,
+              "checkpoint.async_save": False}
+    pretrain.run(tiny_config(dataset, **common, **{"train.stop_at_step": 2}), workdir)
+    assert ckpt_lib.steps(workdir) == [2]           # evaluated at 2: best and latest
+    pretrain.run(tiny_config(dataset, **common, **{"train.stop_at_step": 3}), workdir)
+    assert ckpt_lib.steps(workdir) == [2, 3]        # 3 is the latest; 2, the best, stays
+    assert ckpt_lib.best_step(workdir) == 2         # its metric was read back from disk
+    with ckpt_lib._reader(workdir) as manager:
+        assert set(manager.metrics(2)) >= {"val/loss"} and manager.metrics(3) is None
