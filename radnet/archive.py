@@ -364,12 +364,12 @@ def prediction_row(s: Series, status: str, result: dict | None, config) -> dict:
     for head, names in labels.CLASS_HEADS.items():
         probs = np.asarray(result[head])
         j = int(np.argmax(probs))
-        out[head], out[f"{head}_probability"] = names[j], _fmt(probs[j])
+        out[head], out[f"{head}_probability"] = names[j], _fmt(probs[j], 6)
     cov = np.asarray(result["coverage"])
     out["coverage"] = ";".join(n for n, p in zip(labels.COVERAGE, cov)
                                if p >= float(config.coverage_threshold))
     for name, p in zip(labels.COVERAGE, cov):
-        out[f"coverage_{name}"] = _fmt(p)
+        out[f"coverage_{name}"] = _fmt(p, 6)
     out["slice_spacing_mm"] = _fmt(result["slice_spacing"], 3)
     out["qc"] = ";".join(qc_flags(result, row, config))
     return out
@@ -595,6 +595,7 @@ def run(config, workdir: str) -> int:
                      len(todo) - len(remaining), len(remaining))
         timing = _predict_all(p, remaining, options, pool, config, work, done)
         seconds.update(timing)
+        made_this_run = len(remaining)
     finally:
         pool.close()
     if jax.process_index() != 0:
@@ -634,6 +635,7 @@ def run(config, workdir: str) -> int:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     seconds["total"] = time.perf_counter() - total_start
     summary = {"files": len(rels), "non_regular_skipped": skipped, "series": len(rows),
+               "series_run_this_time": made_this_run,
                "status": dict(sorted(statuses.items())),
                "qc_flagged": sum(bool(r.get("qc")) for r in rows),
                "checkpoint": {"step": int(p.step), "model_name": p.config.model_name},
