@@ -261,6 +261,13 @@ def volume_options(config, source: str = "") -> preprocess_lib.VolumeOptions:
     return options
 
 
+def volume_options_dict(p: Pretrained) -> dict:
+    """:attr:`Pretrained.volume_options` as plain JSON values (an exported file's card
+    carries it as ``preprocessing.volume``)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(p.volume_options).items()}
+
+
 def load(path: str | os.PathLike, step: int | None = None) -> Pretrained:
     """A pretrained radnet from ``path``.
 
