@@ -555,6 +555,7 @@ def run(config, workdir: str) -> int:
     _check_config(config)
     total_start = time.perf_counter()
     p = pretrained.load(config.checkpoint, None if int(config.step) < 0 else int(config.step))
+    seconds: dict[str, float] = {"load_model": time.perf_counter() - total_start}
     if p.config.model_name != "radnet":
         raise loop.ConfigError(f"{config.checkpoint} holds a {p.config.model_name!r} model; "
                                "the predict task needs the 3D-RADNet heads")
@@ -575,7 +576,6 @@ def run(config, workdir: str) -> int:
         with open(meta_path, "w") as f:
             json.dump(fingerprint, f, indent=1, sort_keys=True)
     collections_table = series_lib.load_collections(config.collections or None)
-    seconds: dict[str, float] = {}
     pool = _Pool(config.workers)
     try:
         t0 = time.perf_counter()
