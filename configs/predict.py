@@ -37,6 +37,7 @@ def get_config(arg=None):
     config.header_chunk = 64             # files per header task
     config.chunk_series = 64             # series per resumable part (OUT/_work/part-*.npz)
     config.batch_size = 8                # GLOBAL inference batch over all devices
+    config.progress = True               # a progress bar over the series (stderr)
 
     # --- outputs ---
     config.coverage_threshold = 0.5      # a region is predicted present at p ≥ this
@@ -54,4 +55,5 @@ def get_config(arg=None):
         config.workers = 0
         config.batch_size = 2
         config.chunk_series = 4
+        config.progress = False
     return config

@@ -661,7 +661,9 @@ def _predict_all(p, remaining: list[Series], options, pool: _Pool, config, work:
     root = os.path.abspath(config.dicom_root)
     size = int(config.chunk_series)
     chunks = [remaining[i:i + size] for i in range(0, len(remaining), size)]
-    first_part = len([n for n in os.listdir(work) if n.startswith("part-")])
+    # After the highest part on disk (parts lost from the middle are not overwritten).
+    first_part = 1 + max((int(n[5:11]) for n in os.listdir(work)
+                          if n.startswith("part-") and n.endswith(".npz")), default=-1)
 
     def submit(chunk):
         mine = inference.my_positions(len(chunk))
@@ -669,6 +671,10 @@ def _predict_all(p, remaining: list[Series], options, pool: _Pool, config, work:
                                [os.path.join(root, *f.split("/")) for f in chunk[i].files],
                                options, chunk[i].orientation) for i in mine}
 
+    from tqdm import tqdm  # noqa: PLC0415
+
+    bar = tqdm(total=len(remaining), unit="series", desc="predict",
+               disable=not config.progress or jax.process_index() != 0)
     pending = submit(chunks[0])
     for c, chunk in enumerate(chunks):
         futures = pending
@@ -706,8 +712,10 @@ def _predict_all(p, remaining: list[Series], options, pool: _Pool, config, work:
         if jax.process_index() == 0:
             _write_part(work, first_part + c, results)
         done.update({k: r for k, r in results})
+        bar.update(len(chunk))
         logging.info("chunk %d/%d: %d series (%d predicted)", c + 1, len(chunks), len(chunk),
                      len(outputs))
+    bar.close()
     return timing
 
 

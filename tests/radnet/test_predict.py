@@ -322,3 +322,21 @@ def test_nearest_neighbours_by_cosine():
     rows = archive.nearest_neighbours(["a", "b", "c", "d"], x, 1, block=3)
     assert [(r["series_key"], r["neighbour_key"]) for r in rows] == \
         [("a", "b"), ("b", "a"), ("c", "b"), ("d", "c")]
+
+
+def test_mistakes_are_one_line_and_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for args, said in ((["--config.checkpoint=" + str(tmp_path / "nope"),
+                         "--config.dicom_root=" + str(tmp_path)], "does not exist"),
+                       (["--config.checkpoint=" + str(tmp_path),
+                         "--config.dicom_root=" + str(tmp_path / "unmounted")],
+                        "is not a directory (is the archive mounted?)")):
+        proc = subprocess.run([sys.executable, "-m", "radnet.main", "--config=configs/predict.py",
+                               *args, f"--workdir={tmp_path / 'out'}"], cwd=root,
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("radnet:")]
+        assert proc.returncode == 2 and len(lines) == 1 and said in lines[0], proc.stderr[-500:]
