@@ -610,8 +610,9 @@ def run(config, workdir: str) -> int:
             status = r["status"]
         elif predictable(s.row, also):
             raise RuntimeError(f"series {key} has no result; run the same command again")
-        else:
-            reasons = [x for x in (s.row.get("reasons") or "").split(";") if x]
+        else:  # the first reason that stopped the prediction
+            reasons = [x for x in (s.row.get("reasons") or "").split(";")
+                       if x and x not in also]
             status = reasons[0] if reasons else "excluded"
         ok = r is not None and status == PREDICTED
         rows.append(prediction_row(s, status, r if ok else None, config))
