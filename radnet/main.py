@@ -43,6 +43,7 @@ TASKS = {
     "evaluate": "radnet.evaluate:run",
     "segment": "radnet.train.segment:run",
     "detect": "radnet.train.detect:run",
+    "predict": "radnet.archive:run",
 }
 
 

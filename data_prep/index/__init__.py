@@ -28,7 +28,8 @@ import os
 from absl import logging
 
 from data_prep import cluster
-from data_prep.index import outputs, reading, salt, series
+from data_prep.index import outputs, reading, salt
+from radnet.dicom import series  # the grouping and keys, shared with radnet.archive
 
 
 def run_index(dicom_root: str, out: str, cfg, workers: int = 0,

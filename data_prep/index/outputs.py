@@ -15,10 +15,7 @@ from typing import Any
 from radnet import labels
 
 FILES_COLUMNS = ("path", "series_key", "status", "reason")
-SERIES_COLUMNS = ("series_key", "patient_key", "study_key", "modality", "n_files", "n_slices",
-                  "sequence", "view", "contrast", "coverage", "slice_spacing_mm",
-                  "effective_spacing_mm", "status", "reasons", "split", "provenance",
-                  "rows", "columns", "pixel_spacing_mm", "orientation", "extent_mm")
+from radnet.dicom.series import SERIES_COLUMNS  # noqa: E402,F401  (one definition, in the library)
 REVIEW_COLUMNS = ("series_key", "column", "issue", "series_description", "study_description",
                   "current_value", "provenance")
 OVERRIDABLE = ("sequence", "view", "contrast", "coverage", "status", "reasons", "split")

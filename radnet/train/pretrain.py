@@ -12,6 +12,7 @@ and data position, and ends where an uninterrupted run would), logging and the N
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Iterable
@@ -22,7 +23,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from radnet import labels
+from radnet import labels, preprocess
 from radnet.evaluators import heads as metrics_lib
 from radnet.data import augment as augment_lib
 from radnet.data import schema
@@ -144,6 +145,15 @@ def resolve_config(config) -> ml_collections.ConfigDict:
         raise ValueError(f"config.input.volume_shape={tuple(config.input.volume_shape)} but "
                          f"the dataset {config.dataset} holds volumes of {dataset_shape}")
     config.input.volume_shape = dataset_shape
+    # How the dataset's volumes were made travels with the checkpoint in config.json, so
+    # inference (radnet.pretrained: preprocess, the predict task) makes volumes the same
+    # way. Datasets not made by data_prep.build_volumes record none (runs without it:
+    # radnet.pretrained.volume_options).
+    build = (attrs.get("build") or {}).get("config") or {}
+    kept = {f.name: build[f.name] for f in dataclasses.fields(preprocess.VolumeOptions)
+            if f.name in build}
+    if kept:
+        config.input.preprocessing = kept
     return config
 
 

@@ -7,6 +7,7 @@ at ``<tmp>/runs/demo/pretrain`` (README's path, so its example runs unchanged in
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -19,7 +20,7 @@ import pytest
 from flax import traverse_util
 
 from configs import pretrain as pretrain_config
-from radnet import labels, models, pretrained
+from radnet import labels, models, preprocess, pretrained
 from radnet.data import augment, schema
 from radnet.train import checkpoint as ckpt_lib
 
@@ -329,3 +330,59 @@ def test_readme_example_runs_as_printed(run, loaded, monkeypatch):
     assert not np.array_equal(np.asarray(after["head"]["kernel"]), np.asarray(head_init["kernel"]))
     assert np.isfinite(np.asarray(namespace["loss"](after)))
     assert float(namespace["loss"](after)) < float(namespace["loss"](before))
+
+
+# ----------------------------------------------------------------------------- predict, embed
+
+def test_predict_and_embed_are_the_models_outputs(loaded):
+    volume = _volume(batch=3)
+    out = loaded.predict(volume)
+    logits = loaded.apply(volume)
+    assert set(out) == set(labels.HEADS)
+    for head in labels.CLASS_HEADS:
+        assert out[head].shape == (3, labels.HEAD_SIZES[head])
+        np.testing.assert_allclose(out[head], jax.nn.softmax(logits[head]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["coverage"], jax.nn.sigmoid(logits["coverage"]), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(out["slice_spacing"], logits["slice_spacing"], rtol=1e-5)
+    encoder, variables = loaded.encoder()
+    pooled = encoder.apply(variables, augment.to_unit_float(volume), train=False)[0]
+    embedding = loaded.embed(volume)
+    assert embedding.dtype == np.float32 and embedding.shape == (3, pooled.shape[1])
+    # jitted against op-by-op: float32 rounding, relative to the embedding's scale
+    np.testing.assert_allclose(embedding, pooled, atol=1e-5 * float(np.abs(pooled).max()))
+    with pytest.raises(ValueError, match="expected uint8 volumes"):
+        loaded.predict(volume.astype(np.float32))
+
+
+def test_a_run_without_a_preprocessing_record_says_what_it_assumes(loaded, caplog):
+    """This module's run trains on a dataset that no build made (no build attributes): the
+    builder's defaults at the run's volume shape, and a warning saying so."""
+    assert "preprocessing" not in loaded.config.input
+    with caplog.at_level("WARNING"):
+        options = pretrained.volume_options(loaded.config, "old-run")
+    assert options == preprocess.VolumeOptions(volume_shape=VOLUME_SHAPE)
+    assert any("old-run records no preprocessing" in r.getMessage() for r in caplog.records)
+
+
+def test_the_volume_spec_travels_in_an_exported_file(run, tmp_path):
+    from radnet import export
+
+    _, workdir = run
+    spec = {"volume_shape": list(VOLUME_SHAPE), "normalise": "window", "window_level": 50.0,
+            "window_width": 350.0, "min_slices": 8}
+    copy = tmp_path / "run"
+    import shutil
+    shutil.copytree(workdir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["input"]["preprocessing"] = spec
+    (copy / "config.json").write_text(json.dumps(config))
+    expected = preprocess.VolumeOptions(volume_shape=VOLUME_SHAPE, normalise="window",
+                                        window_level=50.0, window_width=350.0, min_slices=8)
+    assert pretrained.load(str(copy)).volume_options == expected
+    out = str(tmp_path / "r.safetensors")
+    export.export(str(copy), out)
+    from_file = pretrained.load(out)
+    assert from_file.volume_options == expected
+    volume = _volume()
+    np.testing.assert_array_equal(from_file.embed(volume), pretrained.load(str(copy)).embed(volume))

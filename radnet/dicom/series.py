@@ -1,6 +1,10 @@
 """Header records → series: slices grouped by SeriesInstanceUID, orientation, image size
 and (when they are separate scans) acquisition; each series' geometry checked along the
-normal and its labels mined with radnet.rules."""
+normal and its labels mined with radnet.rules.
+
+The one grouping and series-key code: data_prep.index writes series.csv with it, and the
+``predict`` task (radnet.archive) groups an unlabelled archive with it, so the two give
+every series the same keyed ``series_key`` under the same salt."""
 
 from __future__ import annotations
 
@@ -9,10 +13,15 @@ import csv
 import statistics
 from typing import Iterable
 
-from data_prep.index.outputs import SERIES_COLUMNS
 from radnet import labels, rules
 from radnet.dicom import geometry
 from radnet.dicom import headers as dicom_headers
+
+# The columns of the index's series.csv (data_prep.index.outputs writes them).
+SERIES_COLUMNS = ("series_key", "patient_key", "study_key", "modality", "n_files", "n_slices",
+                  "sequence", "view", "contrast", "coverage", "slice_spacing_mm",
+                  "effective_spacing_mm", "status", "reasons", "split", "provenance",
+                  "rows", "columns", "pixel_spacing_mm", "orientation", "extent_mm")
 
 
 class Slice:

@@ -1,0 +1,59 @@
+"""Look at an unlabelled DICOM archive with a pretrained model (radnet.archive).
+
+    python -m radnet.main --config=configs/predict.py --config.checkpoint=RUN \\
+        --config.dicom_root=DIR --workdir=OUT [--config.neighbours=5]
+    python -m radnet.main --config=configs/predict.py:neighbours=5,workers=4 ...
+    python -m radnet.main --config=configs/predict.py:tiny ...          # CPU tests
+
+The model and its preprocessing come from the checkpoint; the series grouping and the
+header label rules from configs/index.py (pass the same overrides as your index run, e.g.
+--config.index.max_oblique_deg=15, and the same --config.salt_file, so that series keys
+and header labels are the index's). Columns and the QC rule: docs/predict.md.
+"""
+
+import ml_collections
+
+from configs import common
+from configs import index as index_config
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, checkpoint="", dicom_root="", neighbours=0, workers=2,
+                           tiny=False)
+    config = ml_collections.ConfigDict()
+    config.task = "predict"
+    config.checkpoint = arg.checkpoint   # a pretraining workdir or an exported .safetensors
+    config.step = -1                     # checkpoint step; -1 → the run's best
+    config.dicom_root = arg.dicom_root
+    config.salt_file = "~/.config/radnet/salt"  # the index's salt: the same keys
+    config.collections = ""              # optional collections.csv, as given to the index
+    config.index = index_config.get_config()   # grouping and header-label rules
+    # Index exclusion reasons that do not stop a prediction (comma-separated): the image
+    # needs no description. Other excluded series get a row with their reason.
+    config.also_predict = "missing_description"
+
+    # --- work ---
+    config.workers = arg.workers         # processes reading headers and pixels; 0: this one
+    config.header_chunk = 64             # files per header task
+    config.chunk_series = 64             # series per resumable part (OUT/_work/part-*.npz)
+    config.batch_size = 8                # GLOBAL inference batch over all devices
+    config.progress = True               # a progress bar over the series (stderr)
+
+    # --- outputs ---
+    config.coverage_threshold = 0.5      # a region is predicted present at p ≥ this
+    # QC: a head is flagged when the header gives a label and the model's answer differs
+    # with probability ≥ qc_threshold (coverage: any region; spacing: off by more than
+    # max(qc_spacing_abs_mm, qc_spacing_rel × header)). Measured on the demo: docs/predict.md.
+    config.qc_threshold = 0.95
+    config.qc_spacing_abs_mm = 2.0
+    config.qc_spacing_rel = 0.5
+    config.qc_top = 20                   # disagreements listed per head in qc.md
+    # suggested_overrides.csv: a missing header label is suggested at probability ≥ this.
+    config.suggest_threshold = 0.95
+    config.neighbours = arg.neighbours   # k nearest series by cosine (neighbours.csv); 0: off
+    if arg.tiny:
+        config.workers = 0
+        config.batch_size = 2
+        config.chunk_series = 4
+        config.progress = False
+    return config
