@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from data_prep.lits import build
+from radnet import cli
 from radnet.labels import SPLITS
 
 FLAGS = flags.FLAGS
@@ -44,5 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

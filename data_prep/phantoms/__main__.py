@@ -8,6 +8,7 @@ from typing import Sequence
 from absl import app, flags, logging
 
 from data_prep.phantoms import pacs
+from radnet import cli
 
 FLAGS = flags.FLAGS
 
@@ -34,5 +35,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags, user_errors=(ValueError,))
