@@ -100,6 +100,24 @@ def usage() -> str:
             f"{configs or '  (none found under ./configs)'}\n")
 
 
+# Config fields holding a local path that config.json should record absolutely (a relative
+# path means nothing once the run directory is read from elsewhere).
+PATH_FIELDS = ("dataset", "checkpoint", "pretrained.workdir", "proposal.path")
+
+
+def absolute_paths(config) -> None:
+    """Makes the existing local paths of ``PATH_FIELDS`` absolute, in place; URLs
+    (gs://, s3://) and paths that do not exist (their error then says them as typed) stay."""
+    for field in PATH_FIELDS:
+        parent, _, key = field.rpartition(".")
+        node = config
+        for part in filter(None, parent.split(".")):
+            node = node.get(part) if hasattr(node, "get") else None
+        value = node.get(key) if hasattr(node, "get") else None
+        if isinstance(value, str) and value and "://" not in value and os.path.exists(value):
+            node[key] = os.path.abspath(value)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -117,6 +135,7 @@ def main(argv):
     if config.task not in TASKS:
         cli.fail(f"unknown task {config.task!r}; known tasks: {', '.join(sorted(TASKS))}",
                  f"config.task of --config={config_flags.get_config_filename(flags.FLAGS['config'])}")
+    absolute_paths(config)
     # Before any other JAX call (task modules may touch JAX at import): a no-op on one process.
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:

@@ -139,7 +139,12 @@ def summarize(files_rows, series_rows, review_rows) -> dict:
 def format_summary(summary: dict) -> str:
     out = io.StringIO()
     s = summary["series"]
-    print(f"files: {summary['files']['total']}  series: {s['total']}  "
+    # The counts explained: unreadable files belong to no series (the phantom archive's truth
+    # counts them as rows), and not every series is an image (SR, presentation states, ...).
+    unreadable = summary["files"].get("by_reason", {}).get("unreadable", 0)
+    not_image = sum(i["series"] for i in summary["funnel"] if i["reason"] == "not_image")
+    print(f"files: {summary['files']['total']} ({unreadable} unreadable, in no series)  "
+          f"series: {s['total']} ({not_image} not images)  "
           f"included: {s['included']}  excluded: {s['excluded']}", file=out)
     print("exclusion funnel (first reason)        series", file=out)
     remaining = s["total"]

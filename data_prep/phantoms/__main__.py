@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import csv
+import os
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from data_prep.phantoms import pacs
 from radnet import cli
@@ -30,8 +31,21 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--out is required")
     summary = pacs.generate(FLAGS.out, FLAGS.patients, FLAGS.seed, FLAGS.lits_cases,
                             workers=FLAGS.workers, progress=FLAGS.progress)
-    logging.info("phantom archive in %s: %s", FLAGS.out, summary)
-    print(json.dumps(summary))
+    print(describe(summary, FLAGS.out, FLAGS.patients, FLAGS.lits_cases))
+
+
+def describe(summary: dict, out: str, patients: int, lits_cases: int) -> str:
+    """The summary once, in words that match the index's counts: truth.csv has a row per
+    series and one per unreadable junk file, which the index lists in files.csv only."""
+    with open(os.path.join(out, "truth.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    junk = sum(r["reasons"] == "unreadable" for r in rows)
+    not_image = sum("not_image" in r["reasons"].split(";") for r in rows)
+    return (f"phantom archive {out}: {patients} patients, {summary['series']} truth rows = "
+            f"{summary['series'] - junk} series ({not_image} not images; {summary['included']} "
+            f"meant to be included, {summary['excluded'] - junk} excluded) + {junk} unreadable "
+            f"junk files (no series: the index counts them as files); {lits_cases} LiTS-format "
+            f"liver cases in {os.path.join(out, 'lits')}")
 
 
 if __name__ == "__main__":
