@@ -89,3 +89,47 @@ def test_print_config_needs_no_workdir():
                          timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr
     assert "dispatch: task 'pretrain'" in out.stdout
+
+
+def test_library_info_is_quiet_and_expected_warnings_are_dropped():
+    """radnet.cli's filter: INFO only from the project's code, WARNING from anyone but the
+    expected ones (Orbax's restore notes), everything with --verbosity=1."""
+    import logging
+
+    from absl import flags
+
+    from radnet import cli
+
+    def record(path, level, msg):
+        return logging.LogRecord("absl", level, path, 1, msg, None, None)
+
+    site = "/venv/lib/python3.11/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    own = str(ROOT / "radnet" / "train" / "loop.py")
+    quiet = cli._QuietLibraries()
+    assert not quiet.filter(record(site, logging.INFO, "Saving checkpoint"))
+    assert quiet.filter(record(own, logging.INFO, "step 100/1500"))
+    assert quiet.filter(record(site, logging.WARNING, "disk nearly full"))
+    assert not quiet.filter(record(site, logging.WARNING,
+                                   "Sharding info not provided when restoring"))
+    assert not quiet.filter(record(site, logging.WARNING,
+                                   'Item "data_iter" could not be restored'))
+    # a .venv inside the checkout is still a library
+    venv = str(ROOT / ".venv" / "lib" / "site-packages" / "orbax" / "x.py")
+    assert not quiet.filter(record(venv, logging.INFO, "Saving"))
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["prog", "--verbosity=1"])
+    try:
+        assert quiet.filter(record(site, logging.INFO, "Saving checkpoint"))
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_eta_ignores_the_compiling_first_interval(monkeypatch):
+    from radnet.train import logging_utils
+
+    clock = iter([0.0, 60.0, 70.0, 80.0])  # 60 s of compile + 50 steps, then 10 s per 50 steps
+    monkeypatch.setattr(logging_utils.time, "perf_counter", lambda: next(clock))
+    t = logging_utils.Throughput(global_batch_size=8, total_steps=1000, start_step=0)
+    assert logging_utils.format_eta(t.report(50)["eta_s"]) == "?"
+    assert t.report(100)["eta_s"] == pytest.approx(900 / 5.0)   # 5 steps/s steady
+    assert t.report(150)["eta_s"] == pytest.approx(850 / 5.0)
