@@ -210,5 +210,11 @@ def run(main: Callable[[list[str]], int | None],
             if debug_wanted():
                 raise
             fail(describe(err))
+        except KeyboardInterrupt:
+            if debug_wanted():
+                raise
+            print("radnet: interrupted (every stage resumes where it stopped when run again)",
+                  file=sys.stderr, flush=True)
+            sys.exit(130)
 
     app.run(wrapped, flags_parser=parse_flags)

@@ -412,7 +412,8 @@ def plot_training_curves(records: list[dict], path: str, scored_step: int | None
         if scored_step is not None:
             ax.axvline(scored_step, color="0.4", ls=":", lw=1)
     if scored_step is not None:
-        ax_acc.text(scored_step, 0.02, f" scored step {scored_step}", fontsize=7, color="0.3")
+        ax_acc.text(scored_step, 0.02, f"scored step {scored_step} ", fontsize=7, color="0.3",
+                    ha="right")
     ax_acc.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,5 +1,9 @@
 """The site secret of the keyed hashes: no raw identifier leaves the input, and keys are
-stable on one site and meaningless elsewhere."""
+stable on one site and meaningless elsewhere.
+
+The patient split is drawn from the keys, so it depends on the secret as well. Only the demo
+(launch/demo.sh) writes a fixed, public salt file, so that fresh demos reproduce one split and
+one set of figures; a real site keeps the random secret ``load_salt`` creates."""
 
 from __future__ import annotations
 
