@@ -17,6 +17,7 @@ import os
 import re
 import contextlib
 import sys
+import warnings
 from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
@@ -40,6 +41,13 @@ EXPECTED_WARNINGS = (
     "sharding info not provided",
     # Orbax, when a checkpoint directory is created on a local file system.
     "Consider using a different checkpointing backend",
+)
+
+# Python warnings (warnings.warn) of libraries that are expected and harmless, as regexes:
+EXPECTED_PY_WARNINGS = (
+    # Dask, when another cluster on this machine holds the dashboard's port 8787: it takes
+    # another port, which data_prep/cluster.py logs.
+    r"Port \d+ is already in use",
 )
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +182,9 @@ def verbose() -> bool:
 def quiet_libraries() -> None:
     """Installs the library filter on every handler of the root logger (absl's included).
     Idempotent; called by ``run`` once flags are parsed."""
+    if not verbose():
+        for pattern in EXPECTED_PY_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
     handlers = list(std_logging.getLogger().handlers)
     absl_handler = absl_logging.get_absl_handler()
     if absl_handler not in handlers:

@@ -133,3 +133,24 @@ def test_eta_ignores_the_compiling_first_interval(monkeypatch):
     assert logging_utils.format_eta(t.report(50)["eta_s"]) == "?"
     assert t.report(100)["eta_s"] == pytest.approx(900 / 5.0)   # 5 steps/s steady
     assert t.report(150)["eta_s"] == pytest.approx(850 / 5.0)
+
+
+def test_dasks_busy_port_warning_is_dropped_and_others_kept():
+    import warnings
+
+    from absl import flags
+
+    from radnet import cli
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["prog"])
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli.quiet_libraries()
+            warnings.warn("Port 8787 is already in use.\nPerhaps you already have a cluster "
+                          "running?", UserWarning)
+            warnings.warn("a real problem", UserWarning)
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert [str(w.message) for w in caught] == ["a real problem"]
