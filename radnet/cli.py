@@ -39,6 +39,10 @@ EXPECTED_WARNINGS = (
     # the arrays land on the default device, which is what radnet asks for there.
     "Sharding info not provided",
     "sharding info not provided",
+    # Orbax, when radnet opens a run's checkpoints read-only to load them (evaluation,
+    # transfer, export): read-only is what it asked for.
+    "read_only=True, setting save_interval_steps",
+    "Given directory is read only",
     # Orbax, when a checkpoint directory is created on a local file system.
     "Consider using a different checkpointing backend",
 )

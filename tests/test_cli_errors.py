@@ -113,6 +113,8 @@ def test_library_info_is_quiet_and_expected_warnings_are_dropped():
                                    "Sharding info not provided when restoring"))
     assert not quiet.filter(record(site, logging.WARNING,
                                    'Item "data_iter" could not be restored'))
+    assert not quiet.filter(record(site, logging.WARNING,
+                                   "Given directory is read only=/runs/x/checkpoints"))
     # a .venv inside the checkout is still a library
     venv = str(ROOT / ".venv" / "lib" / "site-packages" / "orbax" / "x.py")
     assert not quiet.filter(record(venv, logging.INFO, "Saving"))
