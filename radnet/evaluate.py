@@ -412,8 +412,8 @@ def plot_training_curves(records: list[dict], path: str, scored_step: int | None
         if scored_step is not None:
             ax.axvline(scored_step, color="0.4", ls=":", lw=1)
     if scored_step is not None:
-        ax_acc.text(scored_step, 0.02, f"scored step {scored_step} ", fontsize=7, color="0.3",
-                    ha="right")
+        ax_acc.text(0.01, 0.02, f"dotted line: the scored step, {scored_step}", fontsize=7,
+                    color="0.3", transform=ax_acc.transAxes)
     ax_acc.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -607,7 +607,7 @@ def run(config, workdir: str) -> int:
     model_config, variables, step = checkpoint_lib.load_variables(checkpoint, step,
                                                                   prefer="best")
     step_reason = scored_step_reason(checkpoint, run_config, step, config.step >= 0)
-    logging.info("evaluating %s step %d (%s), model %s, on %s split %s", checkpoint, step,
+    logging.debug("evaluating %s step %d (%s), model %s, on %s split %s", checkpoint, step,
                  step_reason, model_config.model_name, config.dataset, config.split)
     outputs, targets = predict(model_config, variables, config.dataset, config.split,
                                config.batch_size)
