@@ -49,10 +49,10 @@ stage "3/6 build 48×32×32 volumes → $DEMO/dataset"
   --overwrite "${VERBOSE[@]}"
 
 stage "4/6 pretrain 3D-RADNet (small, CPU) → $DEMO/pretrain"
-# The console shows radnet's own lines (a step line every 100 steps); also in $DEMO/pretrain.log.
+# The console shows radnet's own lines (a step line every 150 steps); also in $DEMO/pretrain.log.
 set +e
 "$PYTHON" -m radnet.main --config="configs/pretrain.py:demo,dataset=$DEMO/dataset" \
-  --config.train.log_every_steps=100 --config.eval.every_steps=250 --workdir="$DEMO/pretrain" \
+  --config.train.log_every_steps=150 --config.eval.every_steps=250 --workdir="$DEMO/pretrain" \
   "${VERBOSE[@]}" 2>&1 \
   | tee "$DEMO/pretrain.log"
 status=${PIPESTATUS[0]}

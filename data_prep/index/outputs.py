@@ -155,10 +155,12 @@ def format_summary(summary: dict) -> str:
     sp = summary["splits"]
     print(f"{'series':<12}" + "".join(f"{sp[k]['series']:>8}" for k in labels.SPLITS), file=out)
     print(f"{'patients':<12}" + "".join(f"{sp[k]['patients']:>8}" for k in labels.SPLITS), file=out)
+    # Labels per split, one line per head (a row per class made this summary 21 lines longer).
+    print("labels, series per split (" + "/".join(labels.SPLITS) + "):", file=out)
     for head in ("sequence", "view", "contrast", "coverage"):
-        for name in sp["train"][head]:
-            print(f"{name[:11]:<12}" + "".join(f"{sp[k][head][name]:>8}" for k in labels.SPLITS),
-                  file=out)
+        print(f"  {head:<9} " + "  ".join(
+            f"{name} " + "/".join(str(sp[k][head][name]) for k in labels.SPLITS)
+            for name in sp["train"][head]), file=out)
     print(f"review rows: {summary['review_rows']}", file=out)
     return out.getvalue()
 
