@@ -23,7 +23,7 @@ command -v "$PYTHON" > /dev/null || {
   echo "radnet: error: no Python at PYTHON=$PYTHON (launch/demo.sh; make demo sets it up)" >&2; exit 2; }
 mkdir -p "$DEMO"
 START=$SECONDS
-stage() { echo; echo "== [$((SECONDS - START))s] $*"; }
+stage() { echo "== [$((SECONDS - START))s] $*"; }
 
 stage "1/6 phantom PACS (DICOM with ground truth) → $DEMO/pacs"
 if [[ ! -f "$DEMO/pacs/truth.csv" ]]; then

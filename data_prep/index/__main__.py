@@ -44,7 +44,7 @@ def main(argv):
     except (cluster.ClusterError, FileNotFoundError, NotADirectoryError) as err:
         cluster.exit_with_error(str(err))
     print(outputs.format_summary(summary))
-    logging.info("wrote %s", FLAGS.out)
+    logging.debug("wrote %s", FLAGS.out)  # (-v 1) the caller named --out
 
 
 if __name__ == "__main__":
