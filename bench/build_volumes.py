@@ -200,7 +200,7 @@ def main(argv):
         for i in range(len(volumes)):
             arr[i].write(volumes[i]).result()
         write_s = time.perf_counter() - start
-        stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(path, "volume"))
+        stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(schema.zarr_root(str(path)), "volume"))
                      for f in fs if f != "zarr.json")
         reader = schema.open_arrays(path, names=("volume",))["volume"]
         reps = max(1, 64 // len(volumes))

@@ -72,7 +72,8 @@ def build(path: Path, codec: str, num_volumes: int) -> None:
 
 
 def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in (path / "volume").rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in (Path(schema.zarr_root(str(path))) / "volume").rglob("*")
+               if f.is_file())
 
 
 def measure(path: str, workers: int) -> dict:
@@ -97,7 +98,7 @@ def main(argv):
     out_dir = Path(FLAGS.out_dir)
     for codec in FLAGS.codecs:
         path = out_dir / codec
-        if FLAGS.rebuild or not (path / "zarr.json").exists() or \
+        if FLAGS.rebuild or not (Path(schema.zarr_root(str(path))) / "zarr.json").exists() or \
                 schema.read_attributes(str(path)).get("codec") != codec:
             build(path, codec, FLAGS.num_volumes)
         on_disk = disk_bytes(path)

@@ -19,7 +19,8 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.task = "evaluate"
     config.checkpoint = arg.checkpoint  # a pretraining workdir; empty → --workdir
-    config.step = -1                    # checkpoint step; -1 → the latest
+    config.step = -1                    # checkpoint step; -1 → the run's best (its
+                                        # checkpoint.best_metric), the latest without one
     config.dataset = arg.dataset
     config.split = arg.split            # train / val / test
     config.out = arg.out                # output folder; empty → --workdir
@@ -27,6 +28,9 @@ def get_config(arg=None):
                                         # multiple of its devices (padding is masked)
     # A coverage region is predicted present at sigmoid probability ≥ this (paper: 0.5).
     config.coverage_threshold = 0.5
+    # 95% confidence intervals: percentile bootstrap over patients (manifest.csv patient_key).
+    config.bootstrap_samples = 1000     # 0 = no intervals
+    config.bootstrap_seed = 0
     if arg.tiny:
         config.batch_size = 2
     return config

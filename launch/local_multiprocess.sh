@@ -9,17 +9,20 @@
 set -euo pipefail
 n=2; d=2; port=""; dry=0
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "radnet: error: $1 (launch/local_multiprocess.sh; -h for its usage)" >&2; exit 2; }
+count() { [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "$1 takes a positive whole number, not '${2:-}'"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    -n) n="$2"; shift 2 ;;
-    -d) d="$2"; shift 2 ;;
-    -p) port="$2"; shift 2 ;;
+    -n) count -n "${2:-}"; n="$2"; shift 2 ;;
+    -d) count -d "${2:-}"; d="$2"; shift 2 ;;
+    -p) count -p "${2:-}"; port="$2"; shift 2 ;;
     --dry_run) dry=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
+    *) die "unknown option '$1'; radnet's own flags go after --" ;;
   esac
 done
+[[ " $* " == *" --config="* ]] || die "no --config=... after --, e.g. -- --config=configs/pretrain.py:tiny --workdir=/tmp/mp"
 PYTHON="${PYTHON:-.venv/bin/python}"
 if [[ -z "$port" ]]; then
   port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 12355)

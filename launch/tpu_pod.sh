@@ -12,6 +12,11 @@ set -euo pipefail
 dry=0
 if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 if [[ "${1:-}" == "--dry_run" ]]; then dry=1; shift; fi
+die() { echo "radnet: error: $1 (launch/tpu_pod.sh; -h for its usage)" >&2; exit 2; }
+[[ " $* " == *" --config="* && " $* " == *" --workdir="* ]] \
+  || die "radnet needs --config=... and --workdir=..., e.g. --config=configs/pretrain.py --workdir=gs://bucket/runs/rn50"
+[[ $dry -eq 1 ]] || command -v gcloud > /dev/null \
+  || die "gcloud is not installed here (https://cloud.google.com/sdk/docs/install), or use --dry_run"
 : "${TPU_NAME:=radnet-tpu}" "${ZONE:=us-central2-b}" "${REMOTE_DIR:=radnet}"
 args=$(printf '%q ' "$@")
 remote="${REMOTE_CMD:-cd $REMOTE_DIR && .venv/bin/python -m radnet.main $args}"

@@ -10,6 +10,13 @@ Writes to ``config.out`` (default: ``--workdir``):
 - ``report.md``     Table 1 in the paper's layout (Samples / Accuracy / AUC / Recall /
                     Precision per class, a Total row per head) and the spacing errors
 - ``roc_<head>.png``, ``confusion_<head>.png``, ``slice_spacing.png``
+- ``training_curves.png`` loss per head and validation accuracy per head against the step,
+                    from the run's metrics.jsonl, the scored step marked
+
+By default the run's best checkpoint (by its ``checkpoint.best_metric``) is scored, and the
+report says which step that is and why. Every accuracy, AUC, exact match and MAE carries a
+95% percentile-bootstrap interval that resamples PATIENTS (the dataset's manifest.csv
+``patient_key``), with the number of patients and series it rests on.
 - ``predictions.npz`` the gathered model outputs and labels, keyed by dataset row index,
                     so the report can be re-rendered or analysed without the model
 
@@ -63,16 +70,32 @@ def display_name(name: str) -> str:
 
 def build_report(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
                  coverage_threshold: float = metrics.COVERAGE_THRESHOLD,
-                 meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The content of report.json from gathered outputs (logits) and labels (no padding)."""
+                 meta: Mapping[str, Any] | None = None, groups: np.ndarray | None = None,
+                 bootstrap_samples: int = 1000, bootstrap_seed: int = 0,
+                 level: float = 0.95) -> dict[str, Any]:
+    """The content of report.json from gathered outputs (logits) and labels (no padding).
+
+    ``groups`` [N]: the patient of each row, for the bootstrap intervals (None: each row is
+    its own group, i.e. series-level; ``bootstrap_samples=0``: no intervals).
+    """
     heads = metrics.head_metrics(outputs, targets, coverage_threshold=coverage_threshold)
     n = int(np.asarray(next(iter(outputs.values()))).shape[0]) if outputs else 0
-    return {
+    report = {
         "heads": heads,
         "summary": metrics.summary(heads),
         "samples": n,
         "meta": dict(meta or {}),
     }
+    if bootstrap_samples > 0 and n:
+        unit = "patient" if groups is not None else "series"
+        groups = np.arange(n) if groups is None else np.asarray(groups)
+        report["intervals"] = metrics.bootstrap_intervals(
+            outputs, targets, groups, bootstrap_samples, bootstrap_seed, level,
+            coverage_threshold)
+        report["meta"]["ci"] = {"level": level, "resamples": int(bootstrap_samples),
+                                "seed": int(bootstrap_seed), "unit": unit,
+                                "groups": int(np.unique(groups).size), "series": n}
+    return report
 
 
 _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "recall": "recall",
@@ -81,6 +104,20 @@ _METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "recall": "recall",
 
 def _pct(value) -> str:
     return "—" if value is None else f"{100.0 * value:.1f}%"
+
+
+def _ci(interval, scale: float = 100.0, digits: int = 1) -> str:
+    """`` [lo–hi]`` after a value, or nothing when there is no interval."""
+    if not interval:
+        return ""
+    return f" [{scale * interval[0]:.{digits}f}–{scale * interval[1]:.{digits}f}]"
+
+
+def _interval(report, head: str, metric: str, name: str | None = None):
+    entry = report.get("intervals", {}).get(head, {})
+    if name is not None:
+        entry = entry.get("classes", {}).get(name, {})
+    return entry.get(metric)
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -98,6 +135,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     details = [f"{k}: `{meta[k]}`" for k in ("checkpoint", "step", "dataset") if k in meta]
     if details:
         lines += ["; ".join(details), ""]
+    if meta.get("step_reason"):
+        lines += [f"Scored step {meta['step']}: {meta['step_reason']}.", ""]
+    ci = meta.get("ci")
+    if ci:
+        lines += [f"In brackets: {100 * ci['level']:.0f}% confidence interval (percentile "
+                  f"bootstrap, {ci['resamples']} resamples of the {ci['groups']} "
+                  f"{ci['unit']}s behind these {ci['series']} series"
+                  + (", all series of a drawn patient together" if ci["unit"] == "patient"
+                     else "; no patient keys found, so series count as independent")
+                  + ").", ""]
     lines += ["| | Samples | Accuracy | AUC | Recall | Precision |",
               "|---|---:|---:|---:|---:|---:|"]
     notes: list[str] = []
@@ -108,15 +155,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| **{section}** | | | | | |")
         for name, row in h["classes"].items():
             shown = display_name(name)
-            lines.append(f"| {shown} | {row['samples']} | {_pct(row['accuracy'])} | "
-                         f"{_pct(row['auc'])} | {_pct(row['recall'])} | "
-                         f"{_pct(row['precision'])} |")
+            lines.append(
+                f"| {shown} | {row['samples']} | {_pct(row['accuracy'])}"
+                f"{_ci(_interval(report, head, 'accuracy', name))} | {_pct(row['auc'])}"
+                f"{_ci(_interval(report, head, 'auc', name))} | {_pct(row['recall'])} | "
+                f"{_pct(row['precision'])} |")
             if row["undefined"]:
                 notes.append(f"{section} / {shown}: " + "; ".join(
                     f"{_METRIC_NAMES.get(m, m)} — {r}" for m, r in row["undefined"].items())
                     + ".")
-        total = h["exact_match"] if head in labels.MULTILABEL_HEADS else h["accuracy"]
-        lines.append(f"| <u>Total</u> | <u>{h['samples']}</u> | {_pct(total)} | | | |")
+        key = "exact_match" if head in labels.MULTILABEL_HEADS else "accuracy"
+        lines.append(f"| <u>Total</u> | <u>{h['samples']}</u> | {_pct(h[key])}"
+                     f"{_ci(_interval(report, head, key))} | | | |")
         for metric, reason in h["undefined"].items():
             notes.append(f"{section}: {metric} undefined — {reason}.")
     lines.append("")
@@ -138,7 +188,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "## Slice spacing regression", "",
                   "| | Samples | MAE (mm) | RMSE (mm) | Bias (mm) |",
                   "|---|---:|---:|---:|---:|",
-                  f"| Effective slice spacing | {s['samples']} | {_mm(s['mae_mm'])} | "
+                  f"| Effective slice spacing | {s['samples']} | {_mm(s['mae_mm'])}"
+                  f"{_ci(_interval(report, 'slice_spacing', 'mae_mm'), 1.0, 2)} | "
                   f"{_mm(s['rmse_mm'])} | {_mm(s['bias_mm'])} |"]
         for metric, reason in s["undefined"].items():
             notes.append(f"Slice spacing: {metric} undefined — {reason}.")
@@ -160,18 +211,22 @@ def _mm(value) -> str:
 def console_table(report: Mapping[str, Any]) -> str:
     """The per-head summary printed at the end of a run (and shown by the demo)."""
     heads = report["heads"]
-    rows = [("head", "samples", "metric", "value")]
+    level = report.get("meta", {}).get("ci", {}).get("level")
+    rows = [("head", "samples", "metric", "value" + (f" [{100 * level:.0f}% CI]" if level else ""))]
     for head in (*labels.CLASS_HEADS,):
         if head in heads:
             rows.append((head, str(heads[head]["samples"]), "accuracy",
-                         _pct(heads[head]["accuracy"])))
+                         _pct(heads[head]["accuracy"])
+                         + _ci(_interval(report, head, "accuracy"))))
     if "coverage" in heads:
         rows.append(("coverage", str(heads["coverage"]["samples"]), "exact match",
-                     _pct(heads["coverage"]["exact_match"])))
+                     _pct(heads["coverage"]["exact_match"])
+                     + _ci(_interval(report, "coverage", "exact_match"))))
     if "slice_spacing" in heads:
         s = heads["slice_spacing"]
         rows.append(("slice_spacing", str(s["samples"]), "MAE / RMSE (mm)",
-                     f"{_mm(s['mae_mm'])} / {_mm(s['rmse_mm'])}"))
+                     f"{_mm(s['mae_mm'])}{_ci(_interval(report, 'slice_spacing', 'mae_mm'), 1.0, 2)}"
+                     f" / {_mm(s['rmse_mm'])}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     fmt = lambda r: "  ".join(c.ljust(w) if i != 1 else c.rjust(w)
                               for i, (c, w) in enumerate(zip(r, widths)))
@@ -310,6 +365,62 @@ def plot_spacing(outputs, targets, heads, path: str) -> None:
     plt.close(fig)
 
 
+TRAINING_CURVES = "training_curves.png"
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The lines of RUN/metrics.jsonl, or [] when the run has none (a converted checkpoint)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_training_curves(records: list[dict], path: str, scored_step: int | None = None,
+                         val_split: str = "val") -> bool:
+    """Loss per head (training, at each logged step) and validation accuracy per head
+    (coverage: exact match) against the step; the scored step as a dotted line. False when
+    there is nothing to draw."""
+    train = [r for r in records if r.get("split") == "train"]
+    val = [r for r in records if r.get("split") == val_split]
+    if not train and not val:
+        return False
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    heads = (*labels.CLASS_HEADS, *labels.MULTILABEL_HEADS, *labels.REGRESSION_HEADS)
+    for head in heads:
+        points = [(r["step"], r[f"{head}/loss"]) for r in train if f"{head}/loss" in r]
+        if points:
+            ax_loss.plot(*zip(*points), lw=1.2, label=head)
+    total = [(r["step"], r.get("loss_interval_mean", r.get("loss"))) for r in train
+             if "loss" in r]
+    if total:
+        ax_loss.plot(*zip(*total), color="black", lw=1.8, label="total (interval mean)")
+    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log",
+                title="Training loss per head")
+    ax_loss.legend(fontsize=7)
+    for head in heads:
+        key = f"{head}/exact_match" if head in labels.MULTILABEL_HEADS else f"{head}/accuracy"
+        points = [(r["step"], r[key]) for r in val if r.get(key) is not None]
+        if points:
+            ax_acc.plot(*zip(*points), marker="o", ms=3, lw=1.2,
+                        label=head + (" (exact match)" if head in labels.MULTILABEL_HEADS else ""))
+    ax_acc.set(xlabel="step", ylabel=f"{val_split} accuracy", ylim=(0, 1.02),
+               title=f"Validation ({val_split} split) accuracy per head")
+    for ax in (ax_loss, ax_acc):
+        if scored_step is not None:
+            ax.axvline(scored_step, color="0.4", ls=":", lw=1)
+    if scored_step is not None:
+        ax_acc.text(0.01, 0.02, f"dotted line: the scored step, {scored_step}", fontsize=7,
+                    color="0.3", transform=ax_acc.transAxes)
+    ax_acc.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_plots(outputs, targets, heads, out_dir: str) -> list[str]:
     """Writes every plot whose head is present; returns the file names (relative)."""
     written = []
@@ -334,7 +445,9 @@ def write_plots(outputs, targets, heads, out_dir: str) -> list[str]:
 
 def write_report(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
                  out_dir: str, coverage_threshold: float = metrics.COVERAGE_THRESHOLD,
-                 meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 meta: Mapping[str, Any] | None = None, groups: np.ndarray | None = None,
+                 bootstrap_samples: int = 1000, bootstrap_seed: int = 0,
+                 training_run: str | None = None) -> dict[str, Any]:
     """Builds the report from gathered arrays and writes every output file to ``out_dir``.
 
     Args:
@@ -343,11 +456,19 @@ def write_report(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.nda
       targets: labels of the same rows: ``sequence``/``view``/``contrast`` [N] (-1
         unknown), ``coverage`` [N,9] (-1 unknown), ``effective_spacing_mm`` [N] (NaN
         unknown), optionally ``index`` [N] (dataset rows).
+      groups: [N] patient of each row, for the bootstrap intervals (None: series-level).
+      training_run: a training workdir whose metrics.jsonl becomes training_curves.png.
     Returns the report dict (as written to report.json).
     """
     os.makedirs(out_dir, exist_ok=True)
-    report = build_report(outputs, targets, coverage_threshold, meta)
-    report["meta"]["plots"] = write_plots(outputs, targets, report["heads"], out_dir)
+    report = build_report(outputs, targets, coverage_threshold, meta, groups,
+                          bootstrap_samples, bootstrap_seed)
+    plots = []
+    if training_run and plot_training_curves(read_metrics(training_run),
+                                             os.path.join(out_dir, TRAINING_CURVES),
+                                             report["meta"].get("step")):
+        plots.append(TRAINING_CURVES)
+    report["meta"]["plots"] = plots + write_plots(outputs, targets, report["heads"], out_dir)
     with open(os.path.join(out_dir, REPORT_JSON), "w") as f:
         json.dump(report, f, indent=2, allow_nan=False)  # undefined metrics are null
         f.write("\n")
@@ -377,6 +498,7 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
 
     from radnet import models
     from radnet.data import augment, pipeline
+    from radnet.data import source as source_lib
     from radnet.evaluators import predict as predict_lib
 
     model = models.get(model_config.model_name)(**model_config.model)
@@ -403,7 +525,9 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
     batches = pipeline.eval_batches(dataset, split=split, batch_size=local_batch,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    batches = tqdm(batches, desc=f"evaluate {split}", unit="batch",
+    total = pipeline.num_eval_batches(len(source_lib.split_rows(dataset, split)[0]),
+                                      local_batch, jax.process_count())
+    batches = tqdm(batches, desc=f"evaluate {split}", unit="batch", total=total,
                    disable=jax.process_index() != 0)
     for outputs, targets, _ in predict_lib.predict(step, variables, batches, data_sharding,
                                                    device_keys=("volume",), gather_keys=keys):
@@ -420,6 +544,46 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
             {k: v[order] for k, v in targets.items()})
 
 
+def scored_step_reason(run_dir: str, run_config, step: int, asked: bool) -> str:
+    """Why this step is scored, in words for the report and the console."""
+    from radnet.train import checkpoint as checkpoint_lib
+
+    latest = checkpoint_lib.latest_step(run_dir)
+    if asked:
+        return f"as asked by config.step (the run's latest is {latest})"
+    metric = run_config.checkpoint.best_metric
+    value = None
+    for record in read_metrics(run_dir):
+        if record.get("step") == step and f"{record.get('split')}/" in metric:
+            value = record.get(metric.split("/", 1)[1])
+    if value is None and step == latest:
+        return f"the latest; no step of the run has {metric} to choose by"
+    shown = f" {value:.4g}" if isinstance(value, (int, float)) else ""
+    return (f"the best by {metric}{shown} ({run_config.checkpoint.best_mode}) among the kept "
+            f"checkpoints; the latest is {latest}")
+
+
+def patient_groups(dataset: str, rows: np.ndarray) -> np.ndarray | None:
+    """The patient key of each dataset row in ``rows``, from the dataset's manifest.csv;
+    None when there is none to go by (then the bootstrap resamples series)."""
+    import csv
+    import io
+
+    from radnet.data import schema
+
+    text = schema.read_sidecar(dataset, "manifest.csv")
+    if text is None:
+        return None
+    keys = {int(r["index"]): r.get("patient_key", "")
+            for r in csv.DictReader(io.StringIO(text.decode()))}
+    groups = [keys.get(int(i), "") for i in rows]
+    if not all(groups):
+        logging.warning("%s/manifest.csv lacks the patient of some rows; the confidence "
+                        "intervals resample series instead", dataset)
+        return None
+    return np.asarray(groups)
+
+
 def run(config, workdir: str) -> int:
     """Task ``evaluate``: Table 1 and plots for the checkpoint in ``config.checkpoint``."""
     import jax
@@ -433,15 +597,18 @@ def run(config, workdir: str) -> int:
     if config.split not in labels.SPLITS:
         raise ValueError(f"--config.split={config.split!r}; choose one of {labels.SPLITS}")
     step = None if config.step < 0 else int(config.step)
+    run_config = checkpoint_lib.load_config(checkpoint)
     trained_shape = tuple(checkpoint_lib.load_config(checkpoint).input.volume_shape)
     dataset_shape = tuple(int(s) for s in schema.read_attributes(config.dataset)["volume_shape"])
     if trained_shape != dataset_shape:
         raise ValueError(f"{checkpoint} was trained on volumes of {trained_shape} but "
                          f"{config.dataset} holds {dataset_shape}; evaluate on a dataset built "
                          "with the same volume shape")
-    model_config, variables, step = checkpoint_lib.load_variables(checkpoint, step)
-    logging.info("evaluating %s (step %d, model %s) on %s split %s", checkpoint, step,
-                 model_config.model_name, config.dataset, config.split)
+    model_config, variables, step = checkpoint_lib.load_variables(checkpoint, step,
+                                                                  prefer="best")
+    step_reason = scored_step_reason(checkpoint, run_config, step, config.step >= 0)
+    logging.debug("evaluating %s step %d (%s), model %s, on %s split %s", checkpoint, step,
+                 step_reason, model_config.model_name, config.dataset, config.split)
     outputs, targets = predict(model_config, variables, config.dataset, config.split,
                                config.batch_size)
     if jax.process_index() != 0:
@@ -450,15 +617,22 @@ def run(config, workdir: str) -> int:
     meta = {
         "checkpoint": os.path.abspath(checkpoint),
         "step": step,
-        "dataset": config.dataset,
+        "step_reason": step_reason,
+        "dataset": os.path.abspath(config.dataset) if "://" not in config.dataset
+        else config.dataset,
         "split": config.split,
         "model_name": model_config.model_name,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    report = write_report(outputs, targets, out_dir, config.coverage_threshold, meta)
-    print(f"\n3D-RADNet evaluation, split {config.split}, {report['samples']} samples\n")
+    groups = patient_groups(config.dataset, targets["index"])
+    report = write_report(outputs, targets, out_dir, config.coverage_threshold, meta, groups,
+                          int(config.get("bootstrap_samples", 1000)),
+                          int(config.get("bootstrap_seed", 0)), training_run=checkpoint)
+    ci = report["meta"].get("ci", {})
+    print(f"\n3D-RADNet evaluation, split {config.split}: {report['samples']} series of "
+          f"{ci.get('groups', '?')} {ci.get('unit', 'patient')}s; step {step} ({step_reason})\n")
     print(console_table(report))
     print(f"\nreport: {os.path.join(out_dir, REPORT_MD)} (+ report.json, "
           f"{len(report['meta']['plots'])} plots)")

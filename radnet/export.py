@@ -19,10 +19,11 @@ import sys
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import traverse_util
 
 import radnet
+from radnet import cli
 from radnet import labels
 from radnet import pretrained as pretrained_lib
 from radnet.interop import weightsfile
@@ -115,17 +116,17 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "a radnet training run (config.json + checkpoints/)")
     flags.DEFINE_integer("step", None, "checkpoint step; default the run's best")
     flags.DEFINE_string("out", None, "the weights file to write, *.safetensors")
-    flags.DEFINE_bool("debug", False, "tracebacks instead of one-line errors")
 
 
 def main(argv) -> int:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        print(f"radnet.export: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
+        print(cli.error_line(f"unexpected arguments {' '.join(argv[1:])}"), file=sys.stderr)
         return 2
     if not FLAGS.workdir or not FLAGS.out:
-        print("radnet.export: --workdir and --out are both required, e.g. "
-              "--workdir=runs/demo/pretrain --out=radnet.safetensors", file=sys.stderr)
+        print(cli.error_line("--workdir and --out are both required, e.g. "
+                             "--workdir=runs/demo/pretrain --out=radnet.safetensors"),
+              file=sys.stderr)
         return 2
     if not FLAGS["verbosity"].present and not FLAGS.debug:
         logging.set_verbosity(logging.ERROR)   # Orbax's notes on reading would bury the result
@@ -134,7 +135,7 @@ def main(argv) -> int:
     except (FileNotFoundError, ValueError) as e:
         if FLAGS.debug:
             raise
-        print(f"radnet.export: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(cli.error_line(f"{str(e).splitlines()[0]}"), file=sys.stderr)
         return 2
     print(f"{FLAGS.out}: {card['model_name']} model, step {card['source_step']}")
     return 0
@@ -142,4 +143,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

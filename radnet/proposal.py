@@ -238,4 +238,6 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "configs/liver.py[:args]", lock_config=True)
     flags.DEFINE_string("out", None, "proposals.csv to write", required=True)
-    app.run(main)
+    from radnet import cli  # one-line errors, quiet libraries
+
+    cli.run(main)

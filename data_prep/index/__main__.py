@@ -8,6 +8,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_prep import cluster, index
+from radnet import cli
 from data_prep.index import outputs, salt
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +44,7 @@ def main(argv):
     except (cluster.ClusterError, FileNotFoundError, NotADirectoryError) as err:
         cluster.exit_with_error(str(err))
     print(outputs.format_summary(summary))
-    logging.info("wrote %s", FLAGS.out)
+    logging.debug("wrote %s", FLAGS.out)  # (-v 1) the caller named --out
     if summary["files"].get("to_retry"):
         # Killed workers or stalled reads: the tables are complete, but these files
         # deserve another try (a re-run reads only them; the rest comes from the cache).
@@ -53,6 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)
 

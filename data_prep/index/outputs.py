@@ -157,7 +157,12 @@ def summarize(files_rows, series_rows, review_rows) -> dict:
 def format_summary(summary: dict) -> str:
     out = io.StringIO()
     s = summary["series"]
-    print(f"files: {summary['files']['total']}  series: {s['total']}  "
+    # The counts explained: unreadable files belong to no series (the phantom archive's truth
+    # counts them as rows), and not every series is an image (SR, presentation states, ...).
+    unreadable = summary["files"].get("by_reason", {}).get("unreadable", 0)
+    not_image = sum(i["series"] for i in summary["funnel"] if i["reason"] == "not_image")
+    print(f"files: {summary['files']['total']} ({unreadable} unreadable, in no series)  "
+          f"series: {s['total']} ({not_image} not images)  "
           f"included: {s['included']}  excluded: {s['excluded']}", file=out)
     print("exclusion funnel (first reason)        series", file=out)
     remaining = s["total"]
@@ -168,10 +173,12 @@ def format_summary(summary: dict) -> str:
     sp = summary["splits"]
     print(f"{'series':<12}" + "".join(f"{sp[k]['series']:>8}" for k in labels.SPLITS), file=out)
     print(f"{'patients':<12}" + "".join(f"{sp[k]['patients']:>8}" for k in labels.SPLITS), file=out)
+    # Labels per split, one line per head (a row per class made this summary 21 lines longer).
+    print("labels, series per split (" + "/".join(labels.SPLITS) + "):", file=out)
     for head in ("sequence", "view", "contrast", "coverage"):
-        for name in sp["train"][head]:
-            print(f"{name[:11]:<12}" + "".join(f"{sp[k][head][name]:>8}" for k in labels.SPLITS),
-                  file=out)
+        print(f"  {head:<9} " + "  ".join(
+            f"{name} " + "/".join(str(sp[k][head][name]) for k in labels.SPLITS)
+            for name in sp["train"][head]), file=out)
     print(f"review rows: {summary['review_rows']}", file=out)
     if summary["files"].get("to_retry"):
         print(f"files to retry: {summary['files']['to_retry']} (worker_died/timeout; "

@@ -5,9 +5,10 @@ MSD (Task03_Liver) and nnU-Net layouts."""
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from data_prep.nifti import __main__ as nifti_main
+from radnet import cli
 
 FLAGS = flags.FLAGS
 
@@ -27,5 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

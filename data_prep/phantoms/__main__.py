@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from data_prep.phantoms import pacs
+from radnet import cli
 
 FLAGS = flags.FLAGS
 
@@ -35,13 +37,26 @@ def main(argv: Sequence[str]) -> None:
                             workers=FLAGS.workers, progress=FLAGS.progress)
     if FLAGS.lesion_studies > 0:
         from data_prep.phantoms import lesions  # noqa: PLC0415
-        summary.update(lesions.generate(os.path.join(FLAGS.out, "dicom"),
-                                        os.path.join(FLAGS.out, "lesion_truth.csv"),
-                                        FLAGS.lesion_studies, FLAGS.seed))
-    logging.info("phantom archive in %s: %s", FLAGS.out, summary)
-    print(json.dumps(summary))
+        lesion_summary = lesions.generate(os.path.join(FLAGS.out, "dicom"),
+                                          os.path.join(FLAGS.out, "lesion_truth.csv"),
+                                          FLAGS.lesion_studies, FLAGS.seed)
+        print(f"lesion studies: {json.dumps(lesion_summary)}")
+    print(describe(summary, FLAGS.out, FLAGS.patients, FLAGS.lits_cases))
+
+
+def describe(summary: dict, out: str, patients: int, lits_cases: int) -> str:
+    """The summary once, in words that match the index's counts: truth.csv has a row per
+    series and one per unreadable junk file, which the index lists in files.csv only."""
+    with open(os.path.join(out, "truth.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    junk = sum(r["reasons"] == "unreadable" for r in rows)
+    not_image = sum("not_image" in r["reasons"].split(";") for r in rows)
+    return (f"phantom archive {out}: {patients} patients, {summary['series']} truth rows = "
+            f"{summary['series'] - junk} series ({not_image} not images; {summary['included']} "
+            f"meant to be included, {summary['excluded'] - junk} excluded) + {junk} unreadable "
+            f"junk files (no series: the index counts them as files); {lits_cases} LiTS-format "
+            f"liver cases in {os.path.join(out, 'lits')}")
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags, user_errors=(ValueError,))

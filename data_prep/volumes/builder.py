@@ -312,6 +312,7 @@ def finalize(out: str, series: list[dict], done: dict[int, dict]) -> dict:
     """Writes label arrays, manifest.csv, errors.csv and summary.json from the markers."""
     n = len(series)
     arrays = schema.open_arrays(out, names=tuple(schema.LABEL_ARRAYS), read_only=False)
+    volume_shape = schema.read_attributes(out)["volume_shape"]
     values = {name: np.full((n, *trailing), fill if fill != "NaN" else np.nan, dtype)
               for name, (dtype, trailing, fill) in schema.LABEL_ARRAYS.items()}
     manifest = io.StringIO()
@@ -331,6 +332,10 @@ def finalize(out: str, series: list[dict], done: dict[int, dict]) -> dict:
         values["coverage"][i] = labels.coverage_to_multihot(row.get("coverage", ""))
         if outcome["effective_spacing_mm"] is not None:
             values["effective_spacing_mm"][i] = outcome["effective_spacing_mm"]
+        if built:
+            values["voxel_spacing_mm"][i] = schema.voxel_spacing_mm(
+                row.get("pixel_spacing_mm", ""), outcome["rows"], outcome["columns"],
+                outcome["effective_spacing_mm"], volume_shape)
         values["split"][i] = labels.split_index(row.get("split", "")) if built else labels.UNKNOWN
         if not built:
             reasons[outcome["reason"]] += 1
@@ -455,7 +460,7 @@ def build(index_dir: str, dicom_root: str, out: str, config, workers: int = 0,
                       "volume could not be written, or their worker was lost): %s; run the same "
                       "command again to build them", len(left), len(series), _ROUNDS,
                       _names(left, series))
-    logging.info("summary: %s", json.dumps(summary, sort_keys=True))
+    logging.debug("summary: %s", json.dumps(summary, sort_keys=True))  # the CLI prints it
     return summary
 
 

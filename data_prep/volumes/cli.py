@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from data_prep import cluster
@@ -51,4 +51,3 @@ def main(argv):
     print(json.dumps(summary, sort_keys=True))
     if not summary["finalized"] or summary.get("to_retry"):
         raise SystemExit(1)  # the log said which series are left; a re-run builds them
-    logging.info("done")

@@ -2,13 +2,21 @@
 
 Layout of DATASET (a local path, or any TensorStore kvstore URL such as gs://b/p)::
 
-    zarr.json                 group; attributes: volume_shape, codec, label vocabulary
-    volume/                   uint8  [N, D, H, W]  one chunk per volume
-    sequence/ view/ contrast/ int8   [N]           class index, -1 unknown
-    coverage/                 int8   [N, 9]        0/1, -1 unknown
-    effective_spacing_mm/     float32 [N]          NaN unknown
-    split/                    int8   [N]           0 train, 1 val, 2 test, -1 not usable
+    arrays.zarr/              the Zarr v3 group (``zarr_root``), nothing but Zarr inside, so
+                              zarr-python, xarray and napari open it without complaint
+      zarr.json               group; attributes: volume_shape, codec, label vocabulary
+      volume/                 uint8  [N, D, H, W]  one chunk per volume      (row, slice, y, x)
+      sequence/ view/ contrast/ int8 [N]           class index, -1 unknown   (row)
+      coverage/               int8   [N, 9]        0/1, -1 unknown           (row, region)
+      effective_spacing_mm/   float32 [N]          NaN unknown               (row)
+      voxel_spacing_mm/       float32 [N, 3]       slice, y, x in mm; NaN unknown (row, axis)
+      split/                  int8   [N]           0 train, 1 val, 2 test, -1 not usable
     manifest.csv              row i ↔ index i (written by data_prep.build_volumes)
+    errors.csv summary.json _build/   the build's other files, beside the group
+
+Every array carries zarr v3 ``dimension_names`` (in parentheses above) and attributes
+saying its units. A dataset written before arrays.zarr existed (zarr.json at DATASET
+itself) is still read.
 
 Unwritten label entries read as their fill value (-1 / NaN), so a row that was
 never completed is never mistaken for a labelled one.
@@ -34,8 +42,44 @@ LABEL_ARRAYS: dict[str, tuple[str, tuple[int, ...], Any]] = {
     "coverage": ("int8", (len(labels.COVERAGE),), labels.UNKNOWN),
     "effective_spacing_mm": ("float32", (), "NaN"),
     "split": ("int8", (), labels.UNKNOWN),
+    # Not a label: the physical size of a voxel of row i's volume (slice, y, x), which
+    # differs per series since every series is resized to one shape; written at finalize.
+    "voxel_spacing_mm": ("float32", (3,), "NaN"),
 }
 ARRAY_NAMES = ("volume",) + tuple(LABEL_ARRAYS)
+
+# The Zarr group inside DATASET; the non-Zarr files of a dataset sit beside it.
+ZARR_GROUP = "arrays.zarr"
+
+# zarr v3 dimension_names of each array (xarray needs them; napari shows them).
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "volume": ("row", "slice", "y", "x"),
+    "coverage": ("row", "region"),
+    "voxel_spacing_mm": ("row", "axis"),
+}
+_CLASS_NAMES = {**labels.CLASS_HEADS, **labels.MULTILABEL_HEADS}
+
+
+def dimension_names(name: str) -> list[str]:
+    return list(DIMENSIONS.get(name, ("row",)))
+
+
+def array_attributes(name: str) -> dict[str, Any]:
+    """What a reader of one array needs to know without this code: units, classes."""
+    if name == "volume":
+        return {"units": "grey level 0-255 (each volume normalised on its own)",
+                "voxel_spacing_mm": "per row: array voxel_spacing_mm[row] = (slice, y, x)",
+                "row": "manifest.csv row of the same index"}
+    if name == "voxel_spacing_mm":
+        return {"units": "mm", "axes": ["slice", "y", "x"]}
+    if name == "effective_spacing_mm":
+        return {"units": "mm", "unknown": "NaN"}
+    if name == "split":
+        return {"classes": list(labels.SPLITS), "unknown": labels.UNKNOWN}
+    if name in _CLASS_NAMES:
+        return {"classes": list(_CLASS_NAMES[name]), "unknown": labels.UNKNOWN,
+                **({"encoding": "multi-hot"} if name in labels.MULTILABEL_HEADS else {})}
+    return {}
 
 # Chunk compression of the volume array. bitshuffle+lz4 vs zstd is measured by
 # bench/build_volumes.py; see docs/dataset.md for the figures behind the default.
@@ -60,7 +104,43 @@ def _join(path: str, name: str) -> str:
     return path.rstrip("/") + "/" + name
 
 
-def array_spec(path: str, name: str, shape, dtype: str, chunk, codecs, fill) -> dict:
+def voxel_spacing_mm(pixel_spacing_mm: str, rows, columns, effective_spacing_mm,
+                     volume_shape) -> list[float]:
+    """(slice, y, x) mm of a built volume: the effective slice spacing, and the series'
+    PixelSpacing ("row;column" mm, as series.csv has it) scaled by the in-plane resize
+    (which keeps the physical extent); NaN where a part is unknown."""
+    nan = float("nan")
+    try:
+        row_mm, col_mm = (float(v) for v in str(pixel_spacing_mm).split(";"))
+        in_plane = [row_mm * int(rows) / int(volume_shape[1]),
+                    col_mm * int(columns) / int(volume_shape[2])]
+    except (TypeError, ValueError):
+        in_plane = [nan, nan]
+    slice_mm = float(effective_spacing_mm) if effective_spacing_mm is not None else nan
+    return [slice_mm, *in_plane]
+
+
+def read_sidecar(path: str, name: str) -> bytes | None:
+    """A non-Zarr file of the dataset (manifest.csv, errors.csv, summary.json): they sit in
+    DATASET beside the group, never inside it. None when missing."""
+    kv = ts.KvStore.open(kvstore_spec(path.rstrip("/") + "/")).result()
+    raw = kv.read(name).result()
+    return bytes(raw.value) if raw.state == "value" else None
+
+
+def zarr_root(path: str) -> str:
+    """Where the Zarr group of dataset ``path`` lives: ``DATASET/arrays.zarr``, or DATASET
+    itself for a dataset written before (zarr.json at its top). Readers and writers of the
+    arrays go through here; everything else of a dataset (manifest.csv, ...) is at ``path``."""
+    kv = ts.KvStore.open(kvstore_spec(path.rstrip("/") + "/")).result()
+    if (kv.read(f"{ZARR_GROUP}/zarr.json").result().state != "value"
+            and kv.read("zarr.json").result().state == "value"):
+        return path
+    return _join(path, ZARR_GROUP)
+
+
+def array_spec(path: str, name: str, shape, dtype: str, chunk, codecs, fill,
+               dimension_names=None, attributes=None) -> dict:
     """A zarr v3 array spec under ``path`` (shared by the pretraining and LiTS datasets)."""
     metadata = {
         "shape": list(shape),
@@ -70,6 +150,10 @@ def array_spec(path: str, name: str, shape, dtype: str, chunk, codecs, fill) -> 
         "codecs": codecs,
         "fill_value": fill,
     }
+    if dimension_names is not None:
+        metadata["dimension_names"] = list(dimension_names)
+    if attributes:
+        metadata["attributes"] = dict(attributes)
     return {"driver": "zarr3", "kvstore": kvstore_spec(_join(path, name)), "metadata": metadata}
 
 
@@ -93,6 +177,7 @@ def create(path: str, num_volumes: int, volume_shape=VOLUME_SHAPE, codec: str = 
         "splits": list(labels.SPLITS),
         **(attributes or {}),
     }
+    path = _join(path, ZARR_GROUP)
     kv = ts.KvStore.open(kvstore_spec(path.rstrip("/") + "/")).result()
     kv.write("zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
                                       "attributes": group_attrs}, indent=1).encode()).result()
@@ -101,7 +186,8 @@ def create(path: str, num_volumes: int, volume_shape=VOLUME_SHAPE, codec: str = 
     arrays = {
         "volume": ts.open(
             array_spec(path, "volume", (num_volumes, *volume_shape), "uint8",
-                        (1, *volume_shape), CODECS[codec], 0),
+                        (1, *volume_shape), CODECS[codec], 0, dimension_names("volume"),
+                        array_attributes("volume")),
             create=True, **existing, context=context).result()
     }
     for name, (dtype, trailing, fill) in LABEL_ARRAYS.items():
@@ -109,16 +195,18 @@ def create(path: str, num_volumes: int, volume_shape=VOLUME_SHAPE, codec: str = 
         arrays[name] = ts.open(
             array_spec(path, name, (num_volumes, *trailing), dtype, chunk,
                         [{"name": "bytes", "configuration": {"endian": "little"}}]
-                        if np.dtype(dtype).itemsize > 1 else [{"name": "bytes"}], fill),
+                        if np.dtype(dtype).itemsize > 1 else [{"name": "bytes"}], fill,
+                        dimension_names(name), array_attributes(name)),
             create=True, **existing, context=context).result()
     return arrays
 
 
 def read_attributes(path: str) -> dict:
-    kv = ts.KvStore.open(kvstore_spec(path.rstrip("/") + "/")).result()
+    kv = ts.KvStore.open(kvstore_spec(zarr_root(path).rstrip("/") + "/")).result()
     raw = kv.read("zarr.json").result()
     if raw.state != "value":
-        raise FileNotFoundError(f"{path} is not a radnet dataset (no zarr.json)")
+        raise FileNotFoundError(f"{path} is not a radnet dataset (no {ZARR_GROUP}/zarr.json; "
+                                "python -m data_prep.build_volumes makes one)")
     return json.loads(raw.value)["attributes"]
 
 
@@ -126,6 +214,7 @@ def open_arrays(path: str, names=ARRAY_NAMES, read_only: bool = True,
                 context: ts.Context | None = None) -> dict[str, ts.TensorStore]:
     """Opens the arrays of an existing dataset by name."""
     read_attributes(path)  # a clear error when the path holds no dataset
+    path = zarr_root(path)
     context = context or ts.Context()
     out = {}
     for name in names:

@@ -388,3 +388,113 @@ class Accumulator:
     def compute(self, coverage_threshold: float = COVERAGE_THRESHOLD) -> dict[str, Any]:
         outputs, targets = self.arrays()
         return head_metrics(outputs, targets, coverage_threshold=coverage_threshold)
+
+
+# --------------------------------------------------------------------------- bootstrap CIs
+#
+# Confidence intervals by the percentile bootstrap over PATIENTS: series of one patient are
+# not independent (same anatomy, same scanner), so a resample draws patients with
+# replacement and takes all their series. A resample is a vector of row weights (how often
+# the row's patient was drawn), and every metric below is its weighted form, so all
+# resamples are computed at once with array operations; at weights 1 each equals the point
+# estimate of the functions above (tests/radnet/test_metrics.py checks it).
+
+
+def bootstrap_weights(groups: np.ndarray, num_samples: int, seed: int = 0) -> np.ndarray:
+    """[B, N] row weights of ``num_samples`` resamples of the distinct ``groups`` [N]."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    g = int(inverse.max()) + 1 if inverse.size else 0
+    if g == 0:
+        return np.zeros((num_samples, 0))
+    counts = np.random.default_rng(seed).multinomial(g, np.full(g, 1.0 / g), size=num_samples)
+    return counts[:, inverse].astype(np.float64)
+
+
+def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+
+
+def weighted_accuracy(correct: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[B] share of weight on correct rows (``correct`` [N] over the labelled rows)."""
+    return _divide(weights @ np.asarray(correct, np.float64), weights.sum(axis=1))
+
+
+def weighted_auc(scores: np.ndarray, is_positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[B] Mann–Whitney AUC with row weights (ties count one half), NaN where a resample
+    has no positives or no negatives: Σ w_i w_j [s_i > s_j] / (Σ w_pos Σ w_neg) in O(B·N)."""
+    scores = np.asarray(scores, np.float64)
+    is_positive = np.asarray(is_positive, bool)
+    order = np.argsort(scores, kind="mergesort")
+    s, pos = scores[order], is_positive[order]
+    w = weights[:, order]
+    w_pos, w_neg = w * pos, w * ~pos
+    cum_neg = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(w_neg, axis=1)], axis=1)
+    lo, hi = np.searchsorted(s, s, "left"), np.searchsorted(s, s, "right")
+    below, tied = cum_neg[:, lo], cum_neg[:, hi] - cum_neg[:, lo]
+    num = (w_pos * (below + 0.5 * tied)).sum(axis=1)
+    return _divide(num, w_pos.sum(axis=1) * w_neg.sum(axis=1))
+
+
+def _interval(values: np.ndarray, level: float) -> list[float] | None:
+    finite = values[np.isfinite(values)]
+    if finite.size < 0.5 * values.size or finite.size == 0:
+        return None  # undefined in most resamples: no interval worth showing
+    tail = 50.0 * (1.0 - level)
+    lo, hi = np.percentile(finite, [tail, 100.0 - tail])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_intervals(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
+                        groups: np.ndarray, num_samples: int = 1000, seed: int = 0,
+                        level: float = 0.95,
+                        coverage_threshold: float = COVERAGE_THRESHOLD) -> dict[str, Any]:
+    """Percentile-bootstrap intervals, resampling ``groups`` (patients) [N], of the metrics
+    ``head_metrics`` reports as accuracy, AUC, exact match and MAE.
+
+    Returns ``{head: {"accuracy"|"exact_match"|"mae_mm": [lo, hi], "classes": {name:
+    {"accuracy": [lo, hi], "auc": [lo, hi]}}}}``; an entry is None when the metric is
+    undefined in most resamples.
+    """
+    weights = bootstrap_weights(groups, num_samples, seed)
+    out: dict[str, Any] = {}
+    for head, names in labels.CLASS_HEADS.items():
+        if head not in outputs:
+            continue
+        y = np.asarray(targets[head]).astype(np.int64)
+        known = y != labels.UNKNOWN
+        p, y, w = softmax(outputs[head])[known], y[known], weights[:, known]
+        predicted = np.argmax(p, axis=1) if p.shape[0] else np.zeros(0, np.int64)
+        out[head] = {
+            "accuracy": _interval(weighted_accuracy(predicted == y, w), level),
+            "classes": {name: {
+                "accuracy": _interval(weighted_accuracy((predicted == c) == (y == c), w), level),
+                "auc": _interval(weighted_auc(p[:, c], y == c, w), level)}
+                for c, name in enumerate(names)}}
+    for head, names in labels.MULTILABEL_HEADS.items():
+        if head not in outputs:
+            continue
+        y = np.asarray(targets[head]).astype(np.int64)
+        p = sigmoid(outputs[head])
+        predicted = p >= coverage_threshold
+        complete = np.all(y != labels.UNKNOWN, axis=1)
+        exact = np.all(predicted[complete] == (y[complete] == 1), axis=1)
+        classes = {}
+        for j, name in enumerate(names):
+            keep = y[:, j] != labels.UNKNOWN
+            classes[name] = {
+                "accuracy": _interval(weighted_accuracy(
+                    predicted[keep, j] == (y[keep, j] == 1), weights[:, keep]), level),
+                "auc": _interval(weighted_auc(p[keep, j], y[keep, j] == 1, weights[:, keep]),
+                                 level)}
+        out[head] = {"exact_match": _interval(weighted_accuracy(exact, weights[:, complete]),
+                                              level),
+                     "classes": classes}
+    for head in labels.REGRESSION_HEADS:
+        if head in outputs:
+            pred = np.asarray(outputs[head], np.float64).reshape(-1)
+            true = np.asarray(_spacing_target(targets), np.float64)
+            keep = np.isfinite(true) & np.isfinite(pred)
+            w = weights[:, keep]
+            out[head] = {"mae_mm": _interval(
+                _divide(w @ np.abs(pred[keep] - true[keep]), w.sum(axis=1)), level)}
+    return out

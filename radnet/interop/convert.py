@@ -31,9 +31,10 @@ import sys
 from typing import Any, Mapping
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import radnet
+from radnet import cli
 from radnet.interop import names, weightsfile
 
 ARCHS = {f"resnet{d}": d for d in (10, 18, 34, 50, 101, 152, 200)}
@@ -275,7 +276,6 @@ def define_flags() -> None:
     flags.DEFINE_string("in", None, "input: a state dict (.safetensors, .pt/.pth) for --from; "
                         "a radnet weights file or workdir for --to")
     flags.DEFINE_string("out", None, "output .safetensors file")
-    flags.DEFINE_bool("debug", False, "tracebacks instead of one-line errors")
 
 
 def _bool(text: str | None) -> bool | None:
@@ -324,7 +324,7 @@ def run(FLAGS) -> int:
 def main(argv) -> int:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        print(f"radnet.interop.convert: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
+        print(cli.error_line(f"unexpected arguments {' '.join(argv[1:])}"), file=sys.stderr)
         return 2
     if not FLAGS["verbosity"].present and not FLAGS.debug:
         logging.set_verbosity(logging.ERROR)
@@ -333,10 +333,10 @@ def main(argv) -> int:
     except (FileNotFoundError, ValueError) as e:
         if FLAGS.debug:
             raise
-        print(f"radnet.interop.convert: {' '.join(str(e).split())}", file=sys.stderr)
+        print(cli.error_line(f"{' '.join(str(e).split())}"), file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

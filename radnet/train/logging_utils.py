@@ -59,13 +59,17 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Throughput:
-    """Steps/s, volumes/s and ETA over the interval since the previous report."""
+    """Steps/s and volumes/s over the interval since the previous report; the ETA from the
+    steady-state step time: the mean over every interval after the first, which holds the
+    compilation (counting it made the first ETA twice the real time on CPU). Until a second
+    report there is no steady state to go by, and the ETA is unknown ("?")."""
 
     def __init__(self, global_batch_size: int, total_steps: int, start_step: int):
         self.global_batch_size = global_batch_size
         self.total_steps = total_steps
         self._last_step = start_step
         self._last_time = time.perf_counter()
+        self._steady_since: tuple[int, float] | None = None  # (step, time) after warm-up
 
     def report(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
@@ -73,7 +77,12 @@ class Throughput:
         elapsed = max(now - self._last_time, 1e-9)
         self._last_step, self._last_time = step, now
         steps_per_s = steps / elapsed
-        eta_s = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+        eta_s = float("inf")
+        if self._steady_since is None:
+            self._steady_since = (step, now)
+        elif step > self._steady_since[0]:
+            steady_rate = (step - self._steady_since[0]) / max(now - self._steady_since[1], 1e-9)
+            eta_s = (self.total_steps - step) / steady_rate
         return {"steps_per_s": steps_per_s,
                 "volumes_per_s": steps_per_s * self.global_batch_size,
                 "eta_s": eta_s}

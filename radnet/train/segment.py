@@ -722,4 +722,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("root", None, "Folder whose sub-folders are segment workdirs.",
                         required=True)
     flags.DEFINE_enum("split", "test", ["val", "test"], "Which split's summary to print.")
-    app.run(main)
+    from radnet import cli  # one-line errors, quiet libraries
+
+    cli.run(main)

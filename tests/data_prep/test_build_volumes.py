@@ -109,10 +109,10 @@ def test_build_writes_dataset_manifest_and_reasons(tmp_path):
         assert str(tmp_path) not in data[name] and "SYNTH" not in data[name] and "dicom" not in data[name]
     # Readable by zarr-python and plain TensorStore alike.
     import zarr  # requirements-dev.txt
-    group = zarr.open_group(str(out), mode="r")
+    group = zarr.open_group(schema.zarr_root(str(out)), mode="r")
     np.testing.assert_array_equal(group["volume"][:], data["volume"])
     assert group.attrs["volume_shape"] == [8, 16, 16]
-    plain = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "split")}}).result()
+    plain = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / schema.ZARR_GROUP / "split")}}).result()
     np.testing.assert_array_equal(plain.read().result(), data["split"])
 
 

@@ -81,7 +81,7 @@ def test_index_and_build_on_a_cluster_equal_the_default_run(phantom, dask_cluste
     builder.build(str(default / "index"), str(dicom), str(in_process),
                   build_config.get_config("tiny"), workers=0, progress=False)
     reference = dataset_files(in_process)
-    assert "manifest.csv" in reference and any(k.startswith("volume/c/") for k in reference)
+    assert "manifest.csv" in reference and any(k.startswith(f"{schema.ZARR_GROUP}/volume/c/") for k in reference)
     for name in runs:
         assert dataset_files(tmp_path / name / "ds") == reference, name
     volumes = schema.open_arrays(str(on_cluster / "ds"), names=("volume",))["volume"].read().result()

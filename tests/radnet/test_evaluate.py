@@ -58,7 +58,12 @@ def test_report_from_arrays(tmp_path):
     assert heads["slice_spacing"]["samples"] == 39     # one NaN spacing
     assert heads["slice_spacing"]["mae_mm"] > 0
 
-    md = (tmp_path / "report.md").read_text()
+    full_md = (tmp_path / "report.md").read_text()
+    # 95% intervals in brackets after accuracies and AUCs (series-level here: no patients)
+    assert "95% confidence interval" in full_md and "1000 resamples of the 40 series" in full_md
+    ci = on_disk["intervals"]["coverage"]["exact_match"]
+    assert f"{100 * heads['coverage']['exact_match']:.1f}% [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]" in full_md
+    md = re.sub(r" \[[^\]]*\]", "", full_md)  # without the intervals, for the layout below
     assert "| | Samples | Accuracy | AUC | Recall | Precision |" in md
     sections = [s for s in re.findall(r"\| \*\*(.+?)\*\* \|", md)]
     assert sections == ["Modality/Sequence", "View", "Contrast", "Scan Coverage"]
@@ -173,6 +178,9 @@ def test_evaluate_end_to_end(pretrained, tmp_path):
     assert heads["coverage"]["unknown_rows"] == 1 and heads["coverage"]["samples"] == 6
     assert heads["slice_spacing"]["unknown"] == 1 and heads["slice_spacing"]["samples"] == 6
     assert "<u>Total</u>" in (out / "report.md").read_text()
+    assert report["meta"]["step"] == 1 and "latest" in report["meta"]["step_reason"]
+    assert report["meta"]["ci"]["unit"] == "series"  # a dataset without manifest.csv
+    assert "training_curves.png" in report["meta"]["plots"]
     for p in report["meta"]["plots"]:
         assert (out / p).stat().st_size > 5000
 

@@ -89,3 +89,22 @@ def test_a_config_the_run_cannot_honour_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert "radnet: error: config.checkpoint.best_metric='val/los'" in out.stderr
+
+
+def test_config_json_gets_absolute_paths(tmp_path, monkeypatch):
+    """Relative dataset/checkpoint paths that exist become absolute before the task sees the
+    config (and writes config.json); URLs and missing paths stay as typed."""
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "run").mkdir()
+    config = importlib.import_module("configs.liver").get_config("tiny,dataset=ds,pretrained=run")
+    config.proposal.path = "missing.csv"
+    radnet_main.absolute_paths(config)
+    assert config.dataset == str(tmp_path / "ds")
+    assert config.pretrained.workdir == str(tmp_path / "run")
+    assert config.proposal.path == "missing.csv"
+    config = importlib.import_module("configs.evaluate").get_config("tiny")
+    config.checkpoint, config.dataset = "gs://bucket/run", "ds"
+    radnet_main.absolute_paths(config)
+    assert config.checkpoint == "gs://bucket/run" and config.dataset == str(tmp_path / "ds")
