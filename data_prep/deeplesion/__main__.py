@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from data_prep.deeplesion import build
+
+from radnet import cli
 
 FLAGS = flags.FLAGS
 
@@ -26,8 +28,7 @@ def define_flags():
 def main(argv):
     del argv
     if not FLAGS.deeplesion_root or not FLAGS.out:
-        print("data_prep.deeplesion: --deeplesion_root and --out are required", file=sys.stderr)
-        return 2
+        raise cli.UserError("--deeplesion_root and --out are required")
     progress = lambda it: it
     if FLAGS.progress:
         from tqdm import tqdm  # noqa: PLC0415
@@ -37,12 +38,10 @@ def main(argv):
                               FLAGS.mm_per_pixel, FLAGS.size, build.floats(FLAGS.window_hu),
                               progress)
     except build.InputError as e:
-        print(f"data_prep.deeplesion: {e}", file=sys.stderr)
-        return 2
+        raise cli.UserError(str(e))
     print(json.dumps(summary))
     return 0
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

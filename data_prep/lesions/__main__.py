@@ -6,13 +6,15 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from data_prep.index import salt
 from data_prep.lesions import dataset, mine
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from radnet import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -31,8 +33,7 @@ def define_flags():
 def main(argv):
     del argv
     if not FLAGS.dicom_root or not FLAGS.index or not FLAGS.out:
-        print("data_prep.lesions: --dicom_root, --index and --out are required", file=sys.stderr)
-        return 2
+        raise cli.UserError("--dicom_root, --index and --out are required")
     progress = lambda it: it
     if FLAGS.progress:
         from tqdm import tqdm  # noqa: PLC0415
@@ -42,8 +43,7 @@ def main(argv):
         summary, archive = mine.mine(FLAGS.dicom_root, FLAGS.index, FLAGS.out, FLAGS.config,
                                      secret, progress, return_archive=True)
     except mine.InputError as e:
-        print(f"data_prep.lesions: {e}", file=sys.stderr)
-        return 2
+        raise cli.UserError(str(e))
     if FLAGS.dataset_out:
         summary["dataset"] = dataset.build(os.path.join(FLAGS.out, "lesions.csv"), archive,
                                            FLAGS.dataset_out, FLAGS.config.dataset, progress)
@@ -52,5 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

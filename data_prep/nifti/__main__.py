@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from data_prep import cluster
 from data_prep.nifti import build, layouts
+from radnet import cli
 from radnet.labels import SPLITS
 
 FLAGS = flags.FLAGS
@@ -62,5 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)
