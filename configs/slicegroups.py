@@ -68,7 +68,6 @@ def get_config(arg=None):
 
     if arg.tiny:
         config.model.update(depth=10, width=4, hidden=16, sector_dim=4)
-        config.pretrained.model_fields = False
         config.groups.group_slices = 16
         config.train.update(batch_size=4, num_steps=4, log_every_steps=1)
         config.optimizer.lr = 1e-3

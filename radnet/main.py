@@ -42,6 +42,7 @@ TASKS = {
     "pretrain": "radnet.train.pretrain:run",
     "evaluate": "radnet.evaluate:run",
     "segment": "radnet.train.segment:run",
+    "slicegroups": "radnet.train.slicegroups:run",
 }
 
 
