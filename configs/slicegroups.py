@@ -47,18 +47,24 @@ def get_config(arg=None):
         group_slices=16,              # slab thickness in stored (1 mm) slices
         sector_num=arg.sector_num,
         in_plane=arg.in_plane,
-        balance=arg.balance))
+        balance=arg.balance,
+        flip_prob=0.5))               # training: each of left-right and z flipped at random
     if arg.labels not in LABEL_SCHEMES:
         raise ValueError(f"labels={arg.labels!r}; choose one of {sorted(LABEL_SCHEMES)}")
     config.labels = ml_collections.ConfigDict(dict(
-        scheme=arg.labels, min_readers=1, min_diameter_mm=0.0, **LABEL_SCHEMES[arg.labels]))
+        scheme=arg.labels, min_readers=1, min_diameter_mm=0.0, min_overlap_slices=3, **LABEL_SCHEMES[arg.labels]))
 
     config.model_name = "slicegroups"
     config.model = ml_collections.ConfigDict(dict(
         depth=50, variant="radnet", norm="batch", width=64, dtype="float32",
-        head=arg.head, sector_num=arg.sector_num, sector_dim=16, hidden=128))
+        head=arg.head, sector_num=arg.sector_num, sector_dim=16, hidden=128,
+        pool="meanmax"))             # slab embedding: mean | meanmax of the block4 map
 
     config.report = ml_collections.ConfigDict(dict(top_k=3, strip_groups=6))
+    # Balanced sampling trains the head on equal class shares; at evaluation the
+    # probabilities are moved back to the class shares of the training groups
+    # (p · prior_true / prior_sampled, renormalised), so accuracy is that of the real mix.
+    config.eval.prior_correction = True
     config.optimizer.update(lr=1e-4, grad_clip_norm=1.0)
     config.schedule.update(name="constant", warmup_steps=0)
     config.train.update(batch_size=8, num_steps=3000, log_every_steps=20)

@@ -10,7 +10,9 @@ when ≥ ``min_readers`` readers marked it and its diameter is ≥ ``min_diamete
 marks never count); it is **malignant** when its median malignancy ≥ ``malignant_min``,
 **benign** when ≤ ``benign_max``, otherwise indeterminate. A group whose slices overlap a
 malignant nodule is malignant, else benign if it overlaps a benign one, else unknown (-1,
-left out) if it overlaps an indeterminate one, else non-nodule. The report's choice:
+left out) if it overlaps an indeterminate one, else non-nodule. A group that holds only
+the first or last ``min_overlap_slices − 1`` slices of a nodule is unknown too (an edge of a
+nodule in a slab is neither clearly a nodule group nor clearly free of one). The report's choice:
 ``benign_max=2.5, malignant_min=3`` (mean ≥ 3 malignant); the stricter choice common in
 LIDC studies and nnU-Net-style conversions: ``benign_max=2, malignant_min=4`` (3 left out).
 """
@@ -114,8 +116,14 @@ def make_groups(dataset: str, group_slices: int, sector_num: int, labels) -> lis
                 counted.append((int(r["slice_first"]), int(r["slice_last"]), cls, r["nodule"]))
         for g, start in enumerate(range(0, n, group_slices)):
             stop = start + group_slices - 1
-            hits = [(c, j) for a, b, c, j in counted if a <= stop and b >= start]
-            classes = {c for c, _ in hits}
+            hits, edge = [], False
+            for a, b, c, j in counted:
+                overlap = min(b, stop) - max(a, start) + 1
+                if overlap >= min(int(labels.min_overlap_slices), b - a + 1):
+                    hits.append((c, j))
+                elif overlap > 0:
+                    edge = True
+            classes = {c for c, _ in hits} | ({UNKNOWN} if edge else set())
             label = (MALIGNANT if MALIGNANT in classes else BENIGN if BENIGN in classes
                      else UNKNOWN if UNKNOWN in classes else NON_NODULE)
             out.append(Group(s["series_key"], s["split"], g, start,

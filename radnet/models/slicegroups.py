@@ -10,6 +10,10 @@ pretraining run's encoder restores into it) embeds the slab; the head (``head``)
   trained only by its own groups — the report's independent per-sector models (with the
   encoder shared instead of one ResNet per sector).
 
+The slab's embedding is ``pool`` over the encoder's block4 map: ``mean`` (the encoder's own
+embedding), or ``meanmax`` (mean and maximum side by side: a nodule fills a few voxels of a
+slab, and the spatial maximum keeps it from being averaged away).
+
 ``sector=None`` means sector 0 (the trainer initialises the model from an image alone).
 """
 
@@ -24,6 +28,7 @@ from radnet.models import common
 from radnet.models.resnet3d import ResNet3D
 
 HEADS = ("embedding", "per_sector")
+POOLS = ("mean", "meanmax")
 NUM_CLASSES = 3
 
 
@@ -62,14 +67,20 @@ class SliceGroupNet(nn.Module):
     sector_num: int = 5
     sector_dim: int = 16
     hidden: int = 128
+    pool: str = "meanmax"
 
     @nn.compact
     def __call__(self, x, sector=None, train: bool = False):
         if sector is None:
             sector = jnp.zeros((x.shape[0],), jnp.int32)
-        embedding, _ = ResNet3D(depth=self.depth, variant=self.variant, norm=self.norm,
+        embedding, features = ResNet3D(depth=self.depth, variant=self.variant, norm=self.norm,
                                 width=self.width, dtype=self.dtype, dilated=self.dilated,
                                 frozen_stages=self.frozen_stages,
                                 bn_momentum=self.bn_momentum, name="encoder")(x, train)
+        if self.pool == "meanmax":
+            top = jnp.max(features["block4"].astype(jnp.float32), axis=(1, 2, 3))
+            embedding = jnp.concatenate([embedding, top], axis=-1)
+        elif self.pool != "mean":
+            raise ValueError(f"pool={self.pool!r}; choose one of {POOLS}")
         return SectorHead(self.head, self.sector_num, self.sector_dim, self.hidden,
                           name="head")(embedding, jnp.asarray(sector, jnp.int32))

@@ -86,10 +86,20 @@ def load_variables(workdir: str, step: int, model, input_shape, sharding) -> dic
     return {c: restored.get(c, {}) for c in ckpt_lib.VARIABLE_COLLECTIONS}
 
 
-def make_train_step(model, param_labels, stat_labels, optimizer):
+def random_flips(rng, x, prob: float):
+    """Each example of ``x [B, D, H, W, C]`` flipped left-right and along z, each with
+    probability ``prob`` (a nodule's class does not depend on either)."""
+    k1, k2 = jax.random.split(rng)
+    shape = (x.shape[0], 1, 1, 1, 1)
+    x = jnp.where(jax.random.bernoulli(k1, prob, shape), x[:, :, :, ::-1], x)
+    return jnp.where(jax.random.bernoulli(k2, prob, shape), x[:, ::-1], x)
+
+
+def make_train_step(model, param_labels, stat_labels, optimizer, flip_prob: float = 0.0):
     def train_step(state, batch, rng):
-        del rng
         x = augment.to_unit_float(batch["image"])
+        if flip_prob > 0:
+            x = random_flips(jax.random.fold_in(rng, state["step"]), x, flip_prob)
 
         def loss_fn(params):
             params = jax.tree.map(
@@ -123,8 +133,21 @@ def make_predict_step(model):
     return predict_step
 
 
-def predict_groups(config, groups, predict_step, variables, placement) -> np.ndarray:
-    """[N, 3] class probabilities of ``groups`` (every process gets all of them)."""
+def class_shares(groups) -> np.ndarray:
+    labels = np.array([g.label for g in groups if g.label != sg.UNKNOWN], np.int64)
+    counts = np.bincount(labels, minlength=len(sg.CLASSES)).astype(np.float64) + 1.0
+    return counts / counts.sum()
+
+
+def prior_weights(train_groups, sampled_groups) -> np.ndarray:
+    """Per-class factor prior_true / prior_sampled (add-one shares, so none is 0)."""
+    return class_shares(train_groups) / class_shares(sampled_groups)
+
+
+def predict_groups(config, groups, predict_step, variables, placement,
+                   weights: np.ndarray | None = None) -> np.ndarray:
+    """[N, 3] class probabilities of ``groups`` (every process gets all of them),
+    reweighted by ``weights`` per class and renormalised when given."""
     if not groups:
         return np.zeros((0, len(sg.CLASSES)), np.float32)
     reader = sg.SlabReader(config.dataset, int(config.groups.group_slices),
@@ -136,6 +159,9 @@ def predict_groups(config, groups, predict_step, variables, placement) -> np.nda
             predict_step, variables, batches, placement.batch_sharding,
             device_keys=("image", "sector"), gather_keys=(predict_lib.POSITION,)):
         out[gathered[predict_lib.POSITION]] = outputs["probability"]
+    if weights is not None:
+        out = out * weights[None].astype(np.float32)
+        out /= out.sum(axis=1, keepdims=True)
     return out
 
 
@@ -259,6 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  len(train_groups), len(split_groups["val"]), len(split_groups["test"]),
                  gs.sector_num, gs.in_plane, config.freeze, config.model.head)
 
+    weights = (prior_weights(split_groups["train"], train_groups)
+               if config.eval.prior_correction else None)
     model = SliceGroupNet(**config.model)
     input_shape = (1, *config.input.volume_shape, 1)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
@@ -279,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def validate(state, step: int) -> dict[str, float]:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        probs = predict_groups(config, val_known, predict_step, variables, placement)
+        probs = predict_groups(config, val_known, predict_step, variables, placement,
+                               weights)
         labels = np.array([g.label for g in val_known])
         acc = float(np.mean(probs.argmax(-1) == labels))
         loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-7))))
@@ -291,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   jax.process_index(), jax.process_count())
     loop.train(config, workdir, placement, loop.Task(
         model=model, optimizer=optimizer,
-        train_step=make_train_step(model, param_labels, stat_labels, optimizer),
+        train_step=make_train_step(model, param_labels, stat_labels, optimizer,
+                                   float(gs.flip_prob)),
         train_iterator=data_iter, batch_keys=("image", "sector", "label"), evaluate=validate,
         initial_variables=initial_variables, metric_names=("accuracy", "loss"),
         config_extra={"n_train_groups": len(train_groups)}))
@@ -301,14 +331,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     split_probs, summaries = {}, {}
     for split in ("val", "test"):
         split_probs[split] = predict_groups(config, split_groups[split], predict_step, best,
-                                            placement)
+                                            placement, weights)
         if split_groups[split]:
             summaries[split] = summarize(split_groups[split], split_probs[split],
                                          int(config.report.top_k))
     results = {"sector_num": int(gs.sector_num), "in_plane": int(gs.in_plane),
                "freeze": config.freeze, "head": config.model.head,
                "labels": config.labels.scheme, "balance": gs.balance,
-               "best_step": int(best_step), "n_train_groups": len(train_groups), **summaries}
+               "best_step": int(best_step), "n_train_groups": len(train_groups),
+               "prior_weights": None if weights is None else weights.round(4).tolist(),
+               **summaries}
     if jax.process_index() == 0:
         write_outputs(workdir, config, {s: split_groups[s] for s in ("val", "test")},
                       split_probs)
