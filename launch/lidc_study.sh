@@ -19,8 +19,8 @@ DATASET=$1 PRETRAINED=$2 OUT=$3 EXTRA=${4:-}
 PYTHON=${PYTHON:-python3}
 FREEZE=${FREEZE:-none}
 case "${GRID:-report}" in
-  report) CELLS=("1 128" "5 128" "13 128" "5 64") ;;
-  full) CELLS=("1 128" "5 128" "13 128" "1 64" "5 64" "13 64") ;;
+  report) CELLS=("5 128" "1 128" "13 128" "5 64") ;;
+  full) CELLS=("5 128" "1 128" "13 128" "5 64" "1 64" "13 64") ;;
   *) echo "GRID is report or full, not '${GRID}'" >&2; exit 2 ;;
 esac
 BASE="dataset=$DATASET,pretrained=$PRETRAINED${EXTRA:+,$EXTRA}"
