@@ -153,3 +153,31 @@ def test_task_runs_and_ranks(setup):
     lines = table.splitlines()
     assert lines[1].split()[:3] == ["1", "32", "scratch"]
     assert lines[2].split()[:3] == ["5", "32", "pre:all"]
+
+
+def test_study_launcher_dry_run():
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(["bash", "launch/lidc_study.sh", "/d", "/p", "/o", "demo"], cwd=repo,
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DRY_RUN": "1", "PYTHON": "py"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    runs = [l for l in lines if "radnet.main" in l]
+    assert len(runs) == 8
+    cells = {(l.split("sector_num=")[1].split(",")[0], l.split("in_plane=")[1].split(",")[0],
+              l.split("freeze=")[1].split(" ")[0]) for l in runs}
+    assert cells == {(s, p, f) for s, p in (("1", "128"), ("5", "128"), ("13", "128"),
+                                           ("5", "64")) for f in ("none", "scratch")}
+    assert lines[-1] == "py -m radnet.train.slicegroups --root=/o"
+
+
+def test_config_variants():
+    c = sg_config.get_config("sector_num=13,in_plane=64,head=per_sector,labels=strict,"
+                             "balance=undersample,freeze=scratch")
+    assert (c.groups.sector_num, c.groups.in_plane, c.model.head, c.groups.balance) == (
+        13, 64, "per_sector", "undersample")
+    assert (c.labels.benign_max, c.labels.malignant_min) == (2.0, 4.0)
+    assert c.task == "slicegroups" and c.model.sector_num == 13
+    with pytest.raises(ValueError, match="labels="):
+        sg_config.get_config("labels=mean")
