@@ -82,7 +82,7 @@ def get_config(arg=None):
     if arg.demo:
         # Phantom chest CTs on 2 shared CPU cores (encoder of the demo pretraining, depth 10,
         # width 8): validation at the end only, so every step trains.
-        config.train.update(batch_size=8, num_steps=200, log_every_steps=10)
+        config.train.update(batch_size=8, num_steps=120, log_every_steps=10)
         config.optimizer.lr = 1e-3
         config.eval.update(every_steps=0, batch_size=16)
         config.checkpoint.every_steps = 50
