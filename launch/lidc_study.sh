@@ -9,7 +9,8 @@
 # Runs (the report's): sector_num 1, 5, 13 at 128 × 128 and sector_num 5 at 64 × 64, each with
 # the pretrained encoder (freeze=$FREEZE, default none) and from scratch. GRID=full adds
 # sector_num 1 and 13 at 64 × 64. Extra config args go to every run, e.g. "demo" or
-# "steps=2000". Runs that already wrote results.json are skipped, so a killed study resumes.
+# "steps=2000". Runs that already wrote results.json are skipped and a killed run resumes
+# from its latest checkpoint (the trainer's resume), so a killed study goes on where it was.
 # Env: PYTHON (default python3), FREEZE, GRID (report|full), DRY_RUN=1 (print the commands).
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
@@ -31,7 +32,6 @@ for cell in "${CELLS[@]}"; do
   for freeze in "$FREEZE" scratch; do
     name="s${sectors}_${size}_${freeze}"
     if [[ -s "$OUT/$name/results.json" ]]; then echo "skip $name (done)"; continue; fi
-    [[ -n "${DRY_RUN:-}" ]] || rm -rf "${OUT:?}/$name"
     run "$PYTHON" -m radnet.main \
       --config="configs/slicegroups.py:$BASE,sector_num=$sectors,in_plane=$size,freeze=$freeze" \
       --workdir="$OUT/$name"
