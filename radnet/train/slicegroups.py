@@ -183,6 +183,38 @@ def top_k_recall(groups, probs: np.ndarray, k: int) -> tuple[float | None, int]:
     return (hits / total if total else None), total
 
 
+def fit_bias(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-class log-probability offsets b [3] minimising the validation NLL of
+    softmax(log p + b) (a small L2 keeps b finite when a class is absent): the decision rule
+    adapted on validation groups, never on test ones."""
+    from scipy.optimize import minimize  # noqa: PLC0415
+
+    logp = np.log(np.maximum(probs.astype(np.float64), 1e-7))
+    y = labels.astype(np.int64)
+
+    def nll(b):
+        z = logp + b
+        z = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float(np.mean(lse - z[np.arange(len(y)), y]) + 1e-3 * np.sum(b ** 2))
+
+    return minimize(nll, np.zeros(probs.shape[1]), method="L-BFGS-B").x
+
+
+def apply_bias(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    z = np.log(np.maximum(probs.astype(np.float64), 1e-7)) + bias
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def calibrated_summary(val_groups, val_probs, test_groups, test_probs, top_k: int):
+    """(bias fitted on the labelled validation groups, test summary with it applied)."""
+    known = np.array([g.label != sg.UNKNOWN for g in val_groups])
+    labels = np.array([g.label for g in val_groups])
+    bias = fit_bias(val_probs[known], labels[known])
+    return bias, summarize(test_groups, apply_bias(test_probs, bias), top_k)
+
+
 def summarize(groups, probs: np.ndarray, top_k: int) -> dict:
     labels = np.array([g.label for g in groups], np.int64)
     m = head_metrics.classification_metrics(probs, labels, sg.CLASSES)
@@ -335,6 +367,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if split_groups[split]:
             summaries[split] = summarize(split_groups[split], split_probs[split],
                                          int(config.report.top_k))
+    if config.eval.calibrate and split_groups["test"]:
+        bias, summaries["test_calibrated"] = calibrated_summary(
+            split_groups["val"], split_probs["val"], split_groups["test"], split_probs["test"],
+            int(config.report.top_k))
+        summaries["calibration_bias"] = bias.round(4).tolist()
     results = {"sector_num": int(gs.sector_num), "in_plane": int(gs.in_plane),
                "freeze": config.freeze, "head": config.model.head,
                "labels": config.labels.scheme, "balance": gs.balance,
@@ -362,7 +399,8 @@ def format_table(results: list[dict], split: str = "test", top_k: int = 3) -> st
     """The report's study as one table: sectors × in-plane size × pretrained/scratch."""
     rows = sorted(results, key=lambda r: (r["sector_num"], -r["in_plane"],
                                           r["freeze"] == "scratch", r["freeze"]))
-    head = (f"{'sectors':>7} {'in-plane':>8} {'encoder':>10} {'acc%':>6} {'major%':>6} "
+    head = (f"{'sectors':>7} {'in-plane':>8} {'encoder':>10} {'acc%':>6} {'cal%':>6} "
+            f"{'major%':>6} "
             + " ".join(f"{c[:6] + ' R/P/AUC':>19}" for c in sg.CLASSES)
             + f" {'top' + str(top_k) + '%':>6} {'n':>4}")
     lines = [head]
@@ -373,23 +411,51 @@ def format_table(results: list[dict], split: str = "test", top_k: int = 3) -> st
         enc = "scratch" if r["freeze"] == "scratch" else f"pre:{r['freeze']}"
         cells = [f"{_cell(s['classes'][c]['recall'])}/{_cell(s['classes'][c]['precision'])}/"
                  f"{_cell(s['classes'][c]['auc'], False)}" for c in sg.CLASSES]
+        cal = (r.get(f"{split}_calibrated") or {}).get("accuracy")
         lines.append(f"{r['sector_num']:>7} {r['in_plane']:>8} {enc:>10} "
-                     f"{_cell(s['accuracy']):>6} {_cell(s['majority_accuracy']):>6} "
+                     f"{_cell(s['accuracy']):>6} {_cell(cal):>6} "
+                     f"{_cell(s['majority_accuracy']):>6} "
                      + " ".join(f"{c:>19}" for c in cells)
                      + f" {_cell(s.get(f'top{top_k}_study_recall')):>6} {s['groups']:>4}")
-    lines.append(f"({split} groups; acc = per-group accuracy, major = majority-class "
-                 f"baseline, R/P/AUC per class (one vs rest), top{top_k} = studies with a "
+    lines.append(f"({split} groups; acc = per-group accuracy (prior-corrected argmax), cal = "
+                 f"the same after class offsets fitted on the validation groups, major = "
+                 f"majority-class baseline, R/P/AUC per class (one vs rest), top{top_k} = studies with a "
                  f"nodule group that have one among their {top_k} highest-ranked groups)")
     return "\n".join(lines)
 
 
-def collect_results(root: str) -> list[dict]:
+def groups_from_predictions(workdir: str) -> dict[str, tuple[list, np.ndarray]]:
+    """split → (groups, probabilities) as predictions.csv holds them."""
+    out: dict[str, tuple[list, list]] = {}
+    with open(os.path.join(workdir, "predictions.csv"), newline="") as f:
+        for r in csv.DictReader(f):
+            label = sg.CLASSES.index(r["label"]) if r["label"] in sg.CLASSES else sg.UNKNOWN
+            g = sg.Group(r["series_key"], r["split"], int(r["group"]), int(r["first_slice"]),
+                         int(r["sector"]), label, "")
+            gs, ps = out.setdefault(r["split"], ([], []))
+            gs.append(g)
+            ps.append([float(r[f"p_{c}"]) for c in sg.CLASSES])
+    return {k: (g, np.asarray(p, np.float32)) for k, (g, p) in out.items()}
+
+
+def collect_results(root: str, top_k: int = 3) -> list[dict]:
+    """results.json of every run under ``root``; the validation-calibrated test summary is
+    computed from predictions.csv for runs whose results.json lacks it."""
     out = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "results.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                out.append(json.load(f))
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        preds = os.path.join(root, name, "predictions.csv")
+        if "test_calibrated" not in r and os.path.exists(preds):
+            split = groups_from_predictions(os.path.join(root, name))
+            if "val" in split and "test" in split:
+                bias, r["test_calibrated"] = calibrated_summary(*split["val"], *split["test"],
+                                                                top_k)
+                r["calibration_bias"] = bias.round(4).tolist()
+        out.append(r)
     return out
 
 

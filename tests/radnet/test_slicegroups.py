@@ -181,3 +181,17 @@ def test_config_variants():
     assert c.task == "slicegroups" and c.model.sector_num == 13
     with pytest.raises(ValueError, match="labels="):
         sg_config.get_config("labels=mean")
+
+
+def test_validation_bias_fixes_a_shifted_prior():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(3, size=400, p=[0.8, 0.1, 0.1])
+    logits = rng.normal(0, 1, (400, 3))
+    logits[np.arange(400), labels] += 1.5
+    logits[:, 1:] += 2.0          # a head trained on balanced classes over-calls nodules
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    bias = task.fit_bias(probs, labels)
+    fixed = task.apply_bias(probs, bias)
+    assert bias[0] - bias[1:].mean() > 1.0
+    assert np.mean(fixed.argmax(1) == labels) > np.mean(probs.argmax(1) == labels) + 0.2
+    np.testing.assert_allclose(fixed.sum(1), 1, rtol=1e-5)
