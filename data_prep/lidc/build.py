@@ -190,7 +190,7 @@ def build(lidc_root: str, out: str, config, secret: bytes) -> dict:
     study_of = {uid: str(files[0][1].get("StudyInstanceUID", "")) for uid, files in series.items()}
 
     # XML → series.
-    xml_rows, annotated = [], {}
+    xml_rows, annotated, parsed = [], {}, []
     for rel in xmls:
         row = {"path": rel, "series_key": "", "status": "excluded", "reason": "",
                "n_readers": 0, "n_annotations": 0}
@@ -201,6 +201,7 @@ def build(lidc_root: str, out: str, config, secret: bytes) -> dict:
             xml_rows.append(row)
             continue
         row.update(n_readers=msg.num_readers, n_annotations=len(msg.annotations))
+        parsed.append((rel, msg, row))
         if msg.series_uid not in series:
             row["reason"] = "no_matching_series"
         elif msg.study_uid and study_of[msg.series_uid] and msg.study_uid != study_of[msg.series_uid]:
@@ -238,6 +239,9 @@ def build(lidc_root: str, out: str, config, secret: bytes) -> dict:
                 volume, info = load_series(lidc_root, series[uid], b)
             except ValueError as e:
                 row["reason"] = str(e)
+            except Exception as e:  # noqa: BLE001 - a bad file costs its series, not the run
+                logging.warning("series %s: %s: %s", key, type(e).__name__, e)
+                row["reason"] = f"unreadable_pixels_{type(e).__name__}"
             else:
                 store = ts.open(sg.array_spec(out, key, volume.shape), create=True,
                                 delete_existing=True).result()
@@ -258,6 +262,12 @@ def build(lidc_root: str, out: str, config, secret: bytes) -> dict:
                                  "reader": reader_ann.reader, "kind": reader_ann.kind,
                                  "status": "excluded",
                                  "reason": f"series_{series_status[uid]['reason']}"})
+    for rel, msg, xml_row in parsed:  # marks of an XML that was not used
+        if xml_row["status"] != "included":
+            for a in msg.annotations:
+                ann_rows.append({"xml_path": rel, "series_key": xml_row["series_key"],
+                                 "reader": a.reader, "kind": a.kind, "status": "excluded",
+                                 "reason": f"xml_{xml_row['reason']}"})
     splits = assign_splits([r["series_key"] for r in manifest if r["status"] == "included"],
                            tuple(b.split_fractions), int(b.split_seed))
     for r in manifest:

@@ -32,7 +32,9 @@ def make_lidc(root, studies=4):
     (extra / "cxr.xml").write_text("<IdriReadMessage><ResponseHeader/></IdriReadMessage>")
     (extra / "notes.txt").write_text("not an image")
     orphan = root / "lidc" / "extra" / "orphan.xml"
-    chest.readxml.write(str(orphan), "2.25.1", "2.25.2", [[]], namespace=False)
+    chest.readxml.write(str(orphan), "2.25.1", "2.25.2", [[
+        {"kind": "non_nodule", "id": "x", "z_mm": 0.0, "sop_uid": "2.25.3", "xy": (5, 6)}]],
+        namespace=False)
     salt = root / "salt"
     salt.write_text("0123456789abcdef0123456789abcdef\n")
     secret = salt_lib.load_salt(str(salt))
@@ -92,7 +94,9 @@ def test_every_input_has_a_row(built):
     included = [r for r in xml.values() if r["status"] == "included"]
     assert len(included) == 4
     ann = _rows(root / "ds" / "annotations.csv")
-    assert len(ann) == sum(int(r["n_annotations"]) for r in included)
+    assert len(ann) == sum(int(r["n_annotations"]) for r in xml.values())
+    assert [r["reason"] for r in ann if r["xml_path"] == "extra/orphan.xml"] == [
+        "xml_no_matching_series"]
     assert all(r["status"] in ("included", "excluded") for r in ann)
     assert {r["kind"] for r in ann} == {"nodule", "small_nodule", "non_nodule"}
     manifest = _rows(root / "ds" / "manifest.csv")
