@@ -47,6 +47,7 @@ TASKS = {
     "segment": "radnet.train.segment:run",
     "detect": "radnet.train.detect:run",
     "predict": "radnet.archive:run",
+    "slicegroups": "radnet.train.slicegroups:run",
 }
 
 

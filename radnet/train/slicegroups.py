@@ -1,0 +1,479 @@
+"""Slice-group selection for lung nodules (task ``slicegroups``).
+
+    python -m radnet.main --config=configs/slicegroups.py:sector_num=5,freeze=none \
+        --workdir=runs/sg/s5
+    python -m radnet.train.slicegroups --root=runs/sg        # the sector × resolution table
+
+A task on the trainer skeleton (radnet.train.loop): this module brings the slice groups
+(radnet.data.slicegroups: slabs, sectors, labels, class balance), the sector-conditioned
+model (radnet.models.slicegroups) with the pretrained encoder restored and frozen as the
+liver transfer's rows (radnet.train.transfer), the cross-entropy step and the validation
+accuracy; the loop brings the sharded state, resumable checkpoints, the NaN guard, the best
+checkpoint and the metrics. After training, the best validation checkpoint scores every
+group of the validation and test studies.
+
+Workdir outputs::
+
+    config.json          the resolved config (encoder fields from the pretraining run)
+    metrics.jsonl        train loss; val accuracy and loss
+    checkpoints/         Orbax: state + Grain iterator; latest and best val accuracy
+    predictions.csv      split, series_key, group, first slice, sector, label, p_* (every group)
+    ranked.csv           per test study, its groups by P(nodule) = 1 − P(non-nodule), with
+                         P(malignant) and the rank — the reading order for a radiologist
+    strips/<key>.png     per test study, the top groups (maximum-intensity thumbnails, scores)
+    results.json         per-group accuracy, per-class recall/precision/AUC, majority
+                         baseline, study-level recall of nodule groups in the top k
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from radnet.data import augment
+from radnet.data import slicegroups as sg
+from radnet.evaluators import heads as head_metrics
+from radnet.evaluators import predict as predict_lib
+from radnet.models.slicegroups import SliceGroupNet
+from radnet.train import checkpoint as ckpt_lib
+from radnet.train import loop, transfer
+from radnet.train import state as state_lib
+from radnet.train.segment import init_variables
+
+ENCODER_FIELDS = ("depth", "variant", "norm", "width", "dilated", "dtype")
+
+
+def resolve_config(config) -> ml_collections.ConfigDict:
+    """A private copy with the derived fields: encoder fields of the pretraining run (so
+    its encoder always fits, and scratch runs train the same architecture), the frozen
+    stages, the slab shape, the pretraining step."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    pre = config.pretrained
+    if pre.model_fields and pre.workdir:
+        pre_model = ckpt_lib.load_config(pre.workdir).get("model", {})
+        for key in ENCODER_FIELDS:
+            if key in pre_model:
+                config.model[key] = pre_model[key]
+    config.model.frozen_stages = transfer.frozen_stages(config.freeze)
+    config.model.sector_num = int(config.groups.sector_num)
+    if transfer.restores_encoder(config.freeze):
+        pre.step = ckpt_lib.resolve_step(pre.workdir, None if pre.step < 0 else pre.step)
+    stored = int(sg.read_attributes(config.dataset)["in_plane"])
+    in_plane = int(config.groups.in_plane)
+    if stored % in_plane:
+        raise loop.ConfigError(f"config.groups.in_plane={in_plane} must divide the dataset's "
+                               f"stored in-plane size {stored}")
+    config.input.volume_shape = (int(config.groups.group_slices), in_plane, in_plane)
+    return config
+
+
+def load_variables(workdir: str, step: int, model, input_shape, sharding) -> dict:
+    """``{"params", "batch_stats"}`` of a checkpoint of this task. (checkpoint.load_variables
+    builds the model by name from radnet.models, where this task's model is not registered.)"""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
+                                                 train=False))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          {c: abstract.get(c, {}) for c in ckpt_lib.VARIABLE_COLLECTIONS})
+    restored = ckpt_lib._restore_arrays(workdir, step, target)  # noqa: SLF001
+    return {c: restored.get(c, {}) for c in ckpt_lib.VARIABLE_COLLECTIONS}
+
+
+def random_flips(rng, x, prob: float):
+    """Each example of ``x [B, D, H, W, C]`` flipped left-right and along z, each with
+    probability ``prob`` (a nodule's class does not depend on either)."""
+    k1, k2 = jax.random.split(rng)
+    shape = (x.shape[0], 1, 1, 1, 1)
+    x = jnp.where(jax.random.bernoulli(k1, prob, shape), x[:, :, :, ::-1], x)
+    return jnp.where(jax.random.bernoulli(k2, prob, shape), x[:, ::-1], x)
+
+
+def make_train_step(model, param_labels, stat_labels, optimizer, flip_prob: float = 0.0):
+    def train_step(state, batch, rng):
+        x = augment.to_unit_float(batch["image"])
+        if flip_prob > 0:
+            x = random_flips(jax.random.fold_in(rng, state["step"]), x, flip_prob)
+
+        def loss_fn(params):
+            params = jax.tree.map(
+                lambda lab, p: jax.lax.stop_gradient(p) if lab == transfer.FROZEN else p,
+                param_labels, params)
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state["batch_stats"]}, x, batch["sector"],
+                train=True, mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+            return loss, (updates["batch_stats"], logits)
+
+        (loss, (new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = transfer.keep_frozen(params, state["params"], param_labels)
+        new_stats = transfer.keep_frozen(new_stats, state["batch_stats"], stat_labels)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return ({"step": state["step"] + 1, "params": params, "batch_stats": new_stats,
+                 "opt_state": opt_state},
+                {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)})
+
+    return train_step
+
+
+def make_predict_step(model):
+    def predict_step(variables, batch):
+        x = augment.to_unit_float(batch["image"])
+        logits = model.apply(variables, x, batch["sector"], train=False)
+        return {"probability": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)}, {}
+    return predict_step
+
+
+def class_shares(groups) -> np.ndarray:
+    labels = np.array([g.label for g in groups if g.label != sg.UNKNOWN], np.int64)
+    counts = np.bincount(labels, minlength=len(sg.CLASSES)).astype(np.float64) + 1.0
+    return counts / counts.sum()
+
+
+def prior_weights(train_groups, sampled_groups) -> np.ndarray:
+    """Per-class factor prior_true / prior_sampled (add-one shares, so none is 0)."""
+    return class_shares(train_groups) / class_shares(sampled_groups)
+
+
+def predict_groups(config, groups, predict_step, variables, placement,
+                   weights: np.ndarray | None = None) -> np.ndarray:
+    """[N, 3] class probabilities of ``groups`` (every process gets all of them),
+    reweighted by ``weights`` per class and renormalised when given."""
+    if not groups:
+        return np.zeros((0, len(sg.CLASSES)), np.float32)
+    reader = sg.SlabReader(config.dataset, int(config.groups.group_slices),
+                           int(config.groups.in_plane))
+    batches = predict_lib.padded_batches(groups, reader.map, placement.local_eval_batch_size,
+                                         jax.process_index(), jax.process_count())
+    out = np.zeros((len(groups), len(sg.CLASSES)), np.float32)
+    for outputs, gathered, _ in predict_lib.predict(
+            predict_step, variables, batches, placement.batch_sharding,
+            device_keys=("image", "sector"), gather_keys=(predict_lib.POSITION,)):
+        out[gathered[predict_lib.POSITION]] = outputs["probability"]
+    if weights is not None:
+        out = out * weights[None].astype(np.float32)
+        out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def top_k_recall(groups, probs: np.ndarray, k: int) -> tuple[float | None, int]:
+    """Share of studies with a nodule group that have one among their k groups of
+    highest P(nodule); and how many such studies there are."""
+    by: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g.series_key, []).append(i)
+    hits = total = 0
+    for idx in by.values():
+        if not any(groups[i].label in (sg.BENIGN, sg.MALIGNANT) for i in idx):
+            continue
+        total += 1
+        order = sorted(idx, key=lambda i: -(1.0 - probs[i, sg.NON_NODULE]))[:k]
+        hits += any(groups[i].label in (sg.BENIGN, sg.MALIGNANT) for i in order)
+    return (hits / total if total else None), total
+
+
+def fit_bias(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-class log-probability offsets b [3] minimising the validation NLL of
+    softmax(log p + b) (a small L2 keeps b finite when a class is absent): the decision rule
+    adapted on validation groups, never on test ones."""
+    from scipy.optimize import minimize  # noqa: PLC0415
+
+    logp = np.log(np.maximum(probs.astype(np.float64), 1e-7))
+    y = labels.astype(np.int64)
+
+    def nll(b):
+        z = logp + b
+        z = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float(np.mean(lse - z[np.arange(len(y)), y]) + 1e-3 * np.sum(b ** 2))
+
+    return minimize(nll, np.zeros(probs.shape[1]), method="L-BFGS-B").x
+
+
+def apply_bias(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    z = np.log(np.maximum(probs.astype(np.float64), 1e-7)) + bias
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def calibrated_summary(val_groups, val_probs, test_groups, test_probs, top_k: int):
+    """(bias fitted on the labelled validation groups, test summary with it applied)."""
+    known = np.array([g.label != sg.UNKNOWN for g in val_groups])
+    labels = np.array([g.label for g in val_groups])
+    bias = fit_bias(val_probs[known], labels[known])
+    return bias, summarize(test_groups, apply_bias(test_probs, bias), top_k)
+
+
+def summarize(groups, probs: np.ndarray, top_k: int) -> dict:
+    labels = np.array([g.label for g in groups], np.int64)
+    m = head_metrics.classification_metrics(probs, labels, sg.CLASSES)
+    known = labels[labels != sg.UNKNOWN]
+    counts = np.bincount(known, minlength=len(sg.CLASSES))
+    recall, n_studies = top_k_recall(groups, probs, top_k)
+    return {
+        "groups": int(m["samples"]), "unknown": int(m["unknown"]),
+        "class_counts": dict(zip(sg.CLASSES, counts.tolist())),
+        "accuracy": m["accuracy"],
+        "majority_accuracy": float(counts.max() / max(counts.sum(), 1)),
+        "classes": {c: {k: m["classes"][c][k] for k in ("recall", "precision", "auc")}
+                    for c in sg.CLASSES},
+        "confusion": m["confusion"],
+        f"top{top_k}_study_recall": recall, "studies_with_nodule_groups": n_studies,
+    }
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_outputs(workdir: str, config, split_groups: dict, split_probs: dict) -> None:
+    with open(os.path.join(workdir, "predictions.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "series_key", "group", "first_slice", "sector", "label",
+                    *(f"p_{c}" for c in sg.CLASSES)])
+        for split, groups in split_groups.items():
+            for g, p in zip(groups, split_probs[split]):
+                w.writerow([split, g.series_key, g.index, g.start, g.sector,
+                            sg.CLASSES[g.label] if g.label >= 0 else "unknown",
+                            *(f"{v:.4f}" for v in p)])
+    groups, probs = split_groups.get("test", []), split_probs.get("test")
+    by: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g.series_key, []).append(i)
+    os.makedirs(os.path.join(workdir, "strips"), exist_ok=True)
+    with open(os.path.join(workdir, "ranked.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["series_key", "rank", "group", "first_slice", "last_slice", "sector",
+                    "p_nodule", "p_malignant", "label"])
+        for key, idx in by.items():
+            order = sorted(idx, key=lambda i: -(1.0 - probs[i, sg.NON_NODULE]))
+            for rank, i in enumerate(order, start=1):
+                g = groups[i]
+                w.writerow([key, rank, g.index, g.start,
+                            g.start + int(config.groups.group_slices) - 1, g.sector,
+                            f"{1 - probs[i, sg.NON_NODULE]:.4f}",
+                            f"{probs[i, sg.MALIGNANT]:.4f}",
+                            sg.CLASSES[g.label] if g.label >= 0 else "unknown"])
+            write_strip(os.path.join(workdir, "strips", f"{key}.png"), config,
+                        [groups[i] for i in order[:int(config.report.strip_groups)]],
+                        [probs[i] for i in order[:int(config.report.strip_groups)]])
+
+
+def write_strip(path: str, config, groups, probs) -> None:
+    """A row of thumbnails (maximum-intensity projection of each slab) with their scores."""
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    n = max(len(groups), 1)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6), squeeze=False)
+    for ax, g, p in zip(axes[0], groups, probs):
+        slab = sg.read_slab(config.dataset, g.series_key, g.start,
+                            int(config.groups.group_slices), int(config.groups.in_plane))
+        ax.imshow(slab.max(axis=0), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"slices {g.start}-{g.start + slab.shape[0] - 1}\n"
+                     f"P(nod) {1 - p[sg.NON_NODULE]:.2f}  P(mal) {p[sg.MALIGNANT]:.2f}",
+                     fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- run
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+    train_and_evaluate(config, workdir)
+    return 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    config = resolve_config(config)
+    frozen = tuple(config.model.frozen_stages)
+    placement = loop.Placement.from_config(config)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+    gs = config.groups
+    groups = sg.make_groups(config.dataset, int(gs.group_slices), int(gs.sector_num),
+                            config.labels)
+    split_groups = {s: [g for g in groups if g.split == s] for s in ("train", "val", "test")}
+    train_groups = sg.balance(split_groups["train"], gs.balance, config.seed)
+    val_known = [g for g in split_groups["val"] if g.label != sg.UNKNOWN]
+    if not train_groups or not val_known:
+        raise loop.ConfigError(f"{config.dataset} gives {len(train_groups)} training and "
+                               f"{len(val_known)} labelled validation groups; need both")
+    logging.info("slicegroups: %d train groups (%s after balance), %d val, %d test; "
+                 "sector_num=%d in_plane=%d freeze=%s head=%s", len(split_groups["train"]),
+                 len(train_groups), len(split_groups["val"]), len(split_groups["test"]),
+                 gs.sector_num, gs.in_plane, config.freeze, config.model.head)
+
+    weights = (prior_weights(split_groups["train"], train_groups)
+               if config.eval.prior_correction else None)
+    model = SliceGroupNet(**config.model)
+    input_shape = (1, *config.input.volume_shape, 1)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
+                                                 train=False))
+    param_labels = transfer.label_tree(abstract["params"], frozen)
+    stat_labels = transfer.label_tree(abstract.get("batch_stats", {}), frozen)
+    optimizer = transfer.freeze(state_lib.build_optimizer(config), frozen)
+    predict_step = jax.jit(make_predict_step(model),
+                           out_shardings=(placement.batch_sharding, placement.replicated))
+
+    def initial_variables() -> dict:
+        variables = init_variables(model, input_shape, config.seed)
+        if transfer.restores_encoder(config.freeze):
+            variables, step = ckpt_lib.restore_subtree(config.pretrained.workdir, variables,
+                                                       config.pretrained.step)
+            logging.info("restored the encoder of %s step %d", config.pretrained.workdir, step)
+        return variables
+
+    def validate(state, step: int) -> dict[str, float]:
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        probs = predict_groups(config, val_known, predict_step, variables, placement,
+                               weights)
+        labels = np.array([g.label for g in val_known])
+        acc = float(np.mean(probs.argmax(-1) == labels))
+        loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-7))))
+        logging.info("step %d validation accuracy %.4f loss %.4f", step, acc, loss)
+        return {"accuracy": acc, "loss": loss}
+
+    data_iter = sg.train_iterator(config.dataset, train_groups, int(gs.group_slices),
+                                  int(gs.in_plane), placement.local_batch_size, config.seed,
+                                  jax.process_index(), jax.process_count())
+    loop.train(config, workdir, placement, loop.Task(
+        model=model, optimizer=optimizer,
+        train_step=make_train_step(model, param_labels, stat_labels, optimizer,
+                                   float(gs.flip_prob)),
+        train_iterator=data_iter, batch_keys=("image", "sector", "label"), evaluate=validate,
+        initial_variables=initial_variables, metric_names=("accuracy", "loss"),
+        config_extra={"n_train_groups": len(train_groups)}))
+
+    best_step = ckpt_lib.best_step(workdir)
+    best = load_variables(workdir, best_step, model, input_shape, placement.replicated)
+    split_probs, summaries = {}, {}
+    for split in ("val", "test"):
+        split_probs[split] = predict_groups(config, split_groups[split], predict_step, best,
+                                            placement, weights)
+        if split_groups[split]:
+            summaries[split] = summarize(split_groups[split], split_probs[split],
+                                         int(config.report.top_k))
+    if config.eval.calibrate and split_groups["test"]:
+        bias, summaries["test_calibrated"] = calibrated_summary(
+            split_groups["val"], split_probs["val"], split_groups["test"], split_probs["test"],
+            int(config.report.top_k))
+        summaries["calibration_bias"] = bias.round(4).tolist()
+    results = {"sector_num": int(gs.sector_num), "in_plane": int(gs.in_plane),
+               "freeze": config.freeze, "head": config.model.head,
+               "labels": config.labels.scheme, "balance": gs.balance,
+               "best_step": int(best_step), "n_train_groups": len(train_groups),
+               "prior_weights": None if weights is None else weights.round(4).tolist(),
+               **summaries}
+    if jax.process_index() == 0:
+        write_outputs(workdir, config, {s: split_groups[s] for s in ("val", "test")},
+                      split_probs)
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    logging.info("slicegroups results: %s", json.dumps(results))
+    return results
+
+
+# ----------------------------------------------------------------------------- table
+
+def _cell(x, pct=True) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+
+
+def format_table(results: list[dict], split: str = "test", top_k: int = 3) -> str:
+    """The report's study as one table: sectors × in-plane size × pretrained/scratch."""
+    rows = sorted(results, key=lambda r: (r["sector_num"], -r["in_plane"],
+                                          r["freeze"] == "scratch", r["freeze"]))
+    head = (f"{'sectors':>7} {'in-plane':>8} {'encoder':>10} {'acc%':>6} {'cal%':>6} "
+            f"{'major%':>6} "
+            + " ".join(f"{c[:6] + ' R/P/AUC':>19}" for c in sg.CLASSES)
+            + f" {'top' + str(top_k) + '%':>6} {'n':>4}")
+    lines = [head]
+    for r in rows:
+        s = r.get(split)
+        if not s:
+            continue
+        enc = "scratch" if r["freeze"] == "scratch" else f"pre:{r['freeze']}"
+        cells = [f"{_cell(s['classes'][c]['recall'])}/{_cell(s['classes'][c]['precision'])}/"
+                 f"{_cell(s['classes'][c]['auc'], False)}" for c in sg.CLASSES]
+        cal = (r.get(f"{split}_calibrated") or {}).get("accuracy")
+        lines.append(f"{r['sector_num']:>7} {r['in_plane']:>8} {enc:>10} "
+                     f"{_cell(s['accuracy']):>6} {_cell(cal):>6} "
+                     f"{_cell(s['majority_accuracy']):>6} "
+                     + " ".join(f"{c:>19}" for c in cells)
+                     + f" {_cell(s.get(f'top{top_k}_study_recall')):>6} {s['groups']:>4}")
+    lines.append(f"({split} groups; acc = per-group accuracy (prior-corrected argmax), cal = "
+                 f"the same after class offsets fitted on the validation groups, major = "
+                 f"majority-class baseline, R/P/AUC per class (one vs rest), top{top_k} = studies with a "
+                 f"nodule group that have one among their {top_k} highest-ranked groups)")
+    return "\n".join(lines)
+
+
+def groups_from_predictions(workdir: str) -> dict[str, tuple[list, np.ndarray]]:
+    """split → (groups, probabilities) as predictions.csv holds them."""
+    out: dict[str, tuple[list, list]] = {}
+    with open(os.path.join(workdir, "predictions.csv"), newline="") as f:
+        for r in csv.DictReader(f):
+            label = sg.CLASSES.index(r["label"]) if r["label"] in sg.CLASSES else sg.UNKNOWN
+            g = sg.Group(r["series_key"], r["split"], int(r["group"]), int(r["first_slice"]),
+                         int(r["sector"]), label, "")
+            gs, ps = out.setdefault(r["split"], ([], []))
+            gs.append(g)
+            ps.append([float(r[f"p_{c}"]) for c in sg.CLASSES])
+    return {k: (g, np.asarray(p, np.float32)) for k, (g, p) in out.items()}
+
+
+def collect_results(root: str, top_k: int = 3) -> list[dict]:
+    """results.json of every run under ``root``; the validation-calibrated test summary is
+    computed from predictions.csv for runs whose results.json lacks it."""
+    out = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "results.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        preds = os.path.join(root, name, "predictions.csv")
+        if "test_calibrated" not in r and os.path.exists(preds):
+            split = groups_from_predictions(os.path.join(root, name))
+            if "val" in split and "test" in split:
+                bias, r["test_calibrated"] = calibrated_summary(*split["val"], *split["test"],
+                                                                top_k)
+                r["calibration_bias"] = bias.round(4).tolist()
+        out.append(r)
+    return out
+
+
+def main(argv):
+    from absl import flags  # noqa: PLC0415
+
+    del argv
+    results = collect_results(flags.FLAGS.root)
+    if not results:
+        raise SystemExit(f"no results.json under {flags.FLAGS.root}/*/")
+    print(format_table(results, flags.FLAGS.split))
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("root", None, "Folder whose sub-folders are slicegroups workdirs.",
+                        required=True)
+    flags.DEFINE_enum("split", "test", ["val", "test"], "Which split to tabulate.")
+    app.run(main)
