@@ -113,7 +113,7 @@ def test_cli_one_line_exit_2_on_missing_root(tmp_path):
                         f"--deeplesion_root={tmp_path}/nope", f"--out={tmp_path}/ds"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("data_prep.deeplesion: --deeplesion_root=")
+    assert r.stderr.strip().splitlines()[-1].startswith("radnet: error: --deeplesion_root=")
 
 
 def test_context_indices():

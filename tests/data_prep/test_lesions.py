@@ -174,4 +174,4 @@ def test_cli_one_line_exit_2(tmp_path):
                         f"--salt_file={tmp_path}/salt"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("data_prep.lesions: --index=")
+    assert r.stderr.strip().splitlines()[-1].startswith("radnet: error: --index=")
