@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from radnet import distributed
+from radnet import compile_cache, distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -81,6 +81,7 @@ def main(argv):
         return 0
     # Before any other JAX call (task modules may touch JAX at import): a no-op on one process.
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    compile_cache.enable_from_flags()  # before the first compilation (docs/performance.md)
     try:
         task_fn = resolve_task(config.task)
     except TaskUnavailable as e:
