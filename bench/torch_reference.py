@@ -225,6 +225,10 @@ def _build(model_name, shape, batch, threads):
         jax.block_until_ready(fwd({"params": s["params"], "batch_stats": s["batch_stats"]},
                                   jbatch["volume"]))
 
+    t0 = time.perf_counter()
+    radnet_forward()
+    compile_forward = time.perf_counter() - t0
+
     tbatch = {k: torch.from_numpy(np.asarray(v)) for k, v in data.items()}
     tbatch["mask"] = tbatch["mask"].long()
     for head in labels.CLASS_HEADS:
@@ -276,6 +280,7 @@ def _build(model_name, shape, batch, threads):
                 mopt.step()
             extra["monai_vnet"] = (monai_train, gflop(monai_train))
     info = dict(params=n_params, compile_train_s=round(compile_train, 2),
+                compile_forward_s=round(compile_forward, 2),
                 gflop_train=round(gflop(torch_train), 2),
                 gflop_forward=round(gflop(torch_forward), 2))
     return sides, extra, info
