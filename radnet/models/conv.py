@@ -107,6 +107,10 @@ def _same_pads(spatial, kernel, strides, dilation, padding):
     return [tuple(int(v) for v in p) for p in padding]
 
 
+def _keeps_size(kernel, pads) -> bool:
+    return all(lo + hi == k - 1 for k, (lo, hi) in zip(kernel, pads))
+
+
 def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1, 1), dilation=(1, 1, 1),
            padding: Any = "SAME", formulation: str = "plain") -> jnp.ndarray:
     """``x [B, D, H, W, C]`` ⊛ ``kernel [kd, kh, kw, C, F]`` → ``[B, D', H', W', F]``,
@@ -123,9 +127,9 @@ def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1, 1), dilation=(1, 
         xp = jnp.pad(x, ((0, 0), *pads, (0, 0))) if any(p != (0, 0) for p in pads) else x
         xs = xp[:, ::strides[0], ::strides[1], ::strides[2]]
         return jnp.einsum("bdhwc,cf->bdhwf", xs, kernel[0, 0, 0])
-    if strides != (1, 1, 1) or dilation != (1, 1, 1):
-        raise ValueError(f"{formulation} needs stride 1 and no dilation, got strides "
-                         f"{strides} dilation {dilation}")
+    if strides != (1, 1, 1) or dilation != (1, 1, 1) or not _keeps_size(ksize, pads):
+        raise ValueError(f"{formulation} needs stride 1, no dilation and size-keeping padding, "
+                         f"got strides {strides} dilation {dilation} padding {pads}")
     # Trim the taps that only ever meet padding (a map smaller than the kernel).
     reach = [reachable_taps(n, k, lo) for n, k, (lo, _) in zip(spatial, ksize, pads)]
     kernel = kernel[tuple(slice(a, b + 1) for a, b in reach)]
@@ -210,6 +214,10 @@ class Conv3D(nn.Module):
         formulation = self.formulation
         if formulation == "auto":
             formulation = choose(x.shape[1:4], ksize, self.strides, self.kernel_dilation)
+            pads = _same_pads(x.shape[1:4], ksize, self.strides, self.kernel_dilation,
+                              self.padding)
+            if formulation in ("depth_folded", "im2col") and not _keeps_size(ksize, pads):
+                formulation = "plain"  # the rewrites assume output size = input size
         y = conv3d(x.astype(dtype), kernel.astype(dtype), self.strides, self.kernel_dilation,
                    self.padding, formulation)
         if bias is not None:

@@ -165,3 +165,16 @@ def test_model_same_with_and_without_rewrites(monkeypatch):
     assert scale > 0
     np.testing.assert_allclose(np.asarray(fast_out), np.asarray(plain_out), atol=1e-4 * scale,
                                rtol=0)
+
+
+def test_padding_that_shrinks_the_map_takes_the_plain_path(monkeypatch):
+    """depth_folded and im2col assume output size = input size; VALID padding must not
+    reach them (auto falls back to plain) and asking for them by name is an error."""
+    monkeypatch.setenv(conv.ENV_VAR, "auto")
+    x = _rand(np.random.default_rng(5), (1, 5, 6, 7, 3))
+    plain = nn.Conv(4, (3, 3, 3), padding="VALID")
+    params = plain.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(conv.Conv3D(4, (3, 3, 3), padding="VALID").apply(params, x),
+                                  plain.apply(params, x))
+    with pytest.raises(ValueError, match="size-keeping padding"):
+        conv.Conv3D(4, (3, 3, 3), padding="VALID", formulation="im2col").apply(params, x)
