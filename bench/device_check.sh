@@ -30,10 +30,10 @@ start=$(date +%s)
 if [ "${DRY_RUN:-0}" = 1 ]; then
   export JAX_PLATFORMS=cpu
   SHAPE=16,64,64; BATCHES=${DRY_BATCHES:-"1 2"}; STEPS=2
-  CONFIG="configs/pretrain.py:depth=18,width=8"
+  CONFIG="configs/pretrain.py:depth=18"; EXTRA=(--config.model.width=8)
 else
   SHAPE=48,192,192
-  CONFIG="configs/pretrain.py"
+  CONFIG="configs/pretrain.py"; EXTRA=()
 fi
 
 if [ -z "${PEAK_TFLOPS:-}" ]; then
@@ -61,7 +61,7 @@ for b in $BATCHES; do
       --config.model.dtype=bfloat16 --config.train.batch_size="$b" \
       --volume_shape="$SHAPE" --num_volumes=$(( b * (STEPS + 5) * 2 )) \
       --steps="$STEPS" --warmup=2 --peak_tflops="$PEAK_TFLOPS" --predict \
-      "${dataset_flag[@]}" > "$log" 2> "$OUT/train_step_b$b.err"
+      "${EXTRA[@]}" "${dataset_flag[@]}" > "$log" 2> "$OUT/train_step_b$b.err"
   rc=$?
   cat "$log"
   if [ $rc -ne 0 ]; then
