@@ -19,6 +19,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The architecture's FLOPs: the plain convolutions, not the CPU rewrites of
+# radnet/models/conv.py (im2col skips taps that only meet padding, so XLA counts fewer).
+os.environ.setdefault("RADNET_CONV", "plain")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -14,7 +14,8 @@ TensorStore dataset (--dataset, or a random one written to a temporary folder wi
 config's volume shape). One JSON line per mode, then a summary line with
 ``loader_ratio`` = real step time / synthetic step time (≤ 1.05: the loader hides behind
 the step). FLOPs are XLA's count for the compiled step program on one device; MFU =
-achieved FLOP/s per device / --peak_tflops.
+achieved FLOP/s per device / --peak_tflops. With --predict (default) a ``predict`` line
+times the inference forward pass on the same batch (volumes/s, its own MFU).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _VOLUME_SHAPE = flags.DEFINE_list("volume_shape", None, "D,H,W; default 48,192,1
 _NUM_VOLUMES = flags.DEFINE_integer("num_volumes", 64, "Volumes in the temporary dataset.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per mode.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per mode (after compilation).")
+_PREDICT = flags.DEFINE_bool("predict", True, "Also time the inference forward pass (what "
+                             "the predict task and radnet.pretrained run) on the same batch.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device in the "
                                   "step's dtype (H100 SXM dense bf16: 989); 0 = no MFU.")
 
@@ -155,6 +158,33 @@ def main(argv):
         if _PEAK_TFLOPS.value > 0:
             line["mfu"] = round(flops_per_s / (_PEAK_TFLOPS.value * 1e12), 4)
         results[mode] = line
+        print(json.dumps(line, sort_keys=True), flush=True)
+    if _PREDICT.value:
+        # Inference: the eval forward pass of the same model and batch (uint8 → [0, 1]).
+        forward = jax.jit(lambda v, vol: model.apply(v, pretrain.model_inputs(vol), train=False),
+                          in_shardings=(replicated, batch_sharding))
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        t0 = time.perf_counter()
+        fwd = forward.lower(variables, example["volume"]).compile()
+        fwd_compile_s = time.perf_counter() - t0
+        fcost = fwd.cost_analysis()
+        if isinstance(fcost, (list, tuple)):
+            fcost = fcost[0] if fcost else {}
+        fwd_flops = float((fcost or {}).get("flops", float("nan")))
+        for _ in range(_WARMUP.value):
+            jax.block_until_ready(fwd(variables, example["volume"]))
+        t0 = time.perf_counter()
+        for _ in range(_STEPS.value):
+            out = fwd(variables, example["volume"])
+        jax.block_until_ready(out)
+        fwd_s = (time.perf_counter() - t0) / _STEPS.value
+        line = dict(common, mode="predict", step_time_s=round(fwd_s, 5),
+                    volumes_per_s=round(global_bs / fwd_s, 3),
+                    flops_per_step_per_device=fwd_flops,
+                    achieved_tflops_per_device=round(fwd_flops / fwd_s / 1e12, 4),
+                    compile_s=round(fwd_compile_s, 2))
+        if _PEAK_TFLOPS.value > 0:
+            line["mfu"] = round(fwd_flops / fwd_s / (_PEAK_TFLOPS.value * 1e12), 4)
         print(json.dumps(line, sort_keys=True), flush=True)
     ratio = results["real_loader"]["step_time_s"] / results["synthetic"]["step_time_s"]
     print(json.dumps(dict(common, mode="summary", loader_ratio=round(ratio, 4),

@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from radnet import cli, distributed
+from radnet import cli, compile_cache, distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -141,6 +141,7 @@ def main(argv):
     absolute_paths(config)
     # Before any other JAX call (task modules may touch JAX at import): a no-op on one process.
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    compile_cache.enable_from_flags()  # before the first compilation (docs/performance.md)
     try:
         task_fn = resolve_task(config.task)
     except TaskUnavailable as e:

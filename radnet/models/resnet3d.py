@@ -49,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from radnet.models import common
+from radnet.models import common, conv
 
 STAGES: tuple[str, ...] = ("stem", "block1", "block2", "block3", "block4")
 VARIANTS: tuple[str, ...] = ("radnet", "medicalnet")
@@ -125,9 +125,11 @@ def output_channels(depth: int, width: int) -> int:
 
 def _conv(features, kernel, *, strides=1, dilation=1, padding_mode, dtype, name, use_bias=False):
     kernel, strides, dilation = common.triple(kernel), common.triple(strides), common.triple(dilation)
-    return nn.Conv(features, kernel_size=kernel, strides=strides, kernel_dilation=dilation,
-                   padding=common.conv_padding(kernel, dilation, padding_mode), use_bias=use_bias,
-                   dtype=dtype, param_dtype=jnp.float32, kernel_init=common.conv_init, name=name)
+    # conv.Conv3D: nn.Conv's parameters, a formulation fast on XLA:CPU (radnet/models/conv.py).
+    return conv.Conv3D(features, kernel_size=kernel, strides=strides, kernel_dilation=dilation,
+                       padding=common.conv_padding(kernel, dilation, padding_mode),
+                       use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                       kernel_init=common.conv_init, name=name)
 
 
 def _shortcut(x, features, strides, shortcut_type, shortcut_bias, conv, norm):

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from radnet.models import common, resnet3d
+from radnet.models import common, conv, resnet3d
 
 # Decoder levels from deep to shallow: (module name, skip stage, width multiple).
 DECODER_LEVELS: tuple[tuple[str, str, int], ...] = (
@@ -78,19 +78,21 @@ class UpLevel(nn.Module):
         factor = common.triple(self.factor)
         norm = lambda name: common.make_norm(self.norm, train, name=name, dtype=dtype,
                                              momentum=self.bn_momentum)
-        conv = lambda name: nn.Conv(self.features, (3, 3, 3), padding="SAME", use_bias=False,
-                                    dtype=dtype, param_dtype=jnp.float32,
-                                    kernel_init=common.conv_init, name=name)
-        up = nn.ConvTranspose(self.features, factor, strides=factor, padding="VALID",
-                              use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                              kernel_init=common.conv_init, name="upconv")(x)
+        # Conv3D / UpConv3D: the parameters of nn.Conv / nn.ConvTranspose, formulations
+        # fast on XLA:CPU (radnet/models/conv.py).
+        conv3 = lambda name: conv.Conv3D(self.features, (3, 3, 3), padding="SAME",
+                                         use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                                         kernel_init=common.conv_init, name=name)
+        up = conv.UpConv3D(self.features, factor, use_bias=False, dtype=dtype,
+                           param_dtype=jnp.float32, kernel_init=common.conv_init,
+                           name="upconv")(x)
         up = nn.relu(norm("upnorm")(up))
         if up.shape[1:4] != skip.shape[1:4]:
             raise ValueError(f"decoder level: up-sampled map {up.shape[1:4]} does not match "
                              f"its skip {skip.shape[1:4]}")
         y = jnp.concatenate([up, skip.astype(dtype)], axis=-1)
-        y = nn.relu(norm("norm1")(conv("conv1")(y)))
-        y = norm("norm2")(conv("conv2")(y))
+        y = nn.relu(norm("norm1")(conv3("conv1")(y)))
+        y = norm("norm2")(conv3("conv2")(y))
         return nn.relu(y + up)
 
 
@@ -159,6 +161,6 @@ class VNetDecoder(nn.Module):
                 h, features[skip], train)
             deeper = skip
         h = UpLevel(self.width, strides["stem"], name="top", **shared)(h, x, train)
-        logits = nn.Conv(self.num_classes, (1, 1, 1), dtype=jnp.float32,
-                         param_dtype=jnp.float32, name="logits")(h.astype(jnp.float32))
+        logits = conv.Conv3D(self.num_classes, (1, 1, 1), dtype=jnp.float32,
+                             param_dtype=jnp.float32, name="logits")(h.astype(jnp.float32))
         return logits

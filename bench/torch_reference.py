@@ -1,0 +1,340 @@
+"""radnet against PyTorch on the CPU: the same networks, losses and optimizer, timed
+interleaved in one process.
+
+    pip install torch --index-url https://download.pytorch.org/whl/cpu   # bench only
+    pip install --no-deps monai                                           # optional
+    python bench/torch_reference.py                                       # all cases
+    python bench/torch_reference.py --cases=resnet50:16x64x64:2 --rounds=3
+
+Networks: radnet's ``RadNet(depth=50)`` (encoder + five heads, 48,203,996 parameters)
+against ``radnet.interop.torch_reference.RadNet`` (the same layers, built layer for layer,
+same parameter count, asserted); radnet's ``VNet(depth=50)`` against the same PyTorch
+encoder under a decoder written here layer for layer as radnet/models/vnet.py (asserted
+equal parameter count); with MONAI installed, also MONAI's ``VNet`` (its own, smaller
+structure) for the ms-per-GFLOP comparison. Train step: the multitask loss of
+radnet.train.losses (masked cross-entropies, sigmoid BCE, spacing RMSE; VNet: voxel
+softmax cross-entropy), global-norm clipping at 1, Adam 1e-4. Forward: inference mode.
+
+Fairness: both frameworks use ``--threads`` threads (default: all cores;
+``torch.set_num_threads`` and XLA's ``intra_op_parallelism_threads``); every case is
+compiled / warmed up first, then rounds alternate radnet and PyTorch step by step so a
+change of load hits both alike; the median of each side counts; ``load_avg_1m`` is read
+before every round and the largest is printed (measure with it under 1.5). One JSON line
+per case and mode; ``ratio`` = radnet / PyTorch step time (< 1: radnet faster).
+GFLOP per step: PyTorch's ``FlopCounterMode`` on the PyTorch twin (the same arithmetic as
+radnet's network), so ``ms_per_gflop`` compares like with like.
+``--conv=plain`` times radnet with the plain XLA convolutions (RADNET_CONV=plain), the
+"before" of radnet/models/conv.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+flags.DEFINE_list("cases", ["resnet50:16x64x64:2", "resnet50:48x96x96:2",
+                            "resnet50:48x192x192:1", "vnet:16x64x64:1"],
+                  "model:DxHxW:batch; model is resnet50 (RadNet) or vnet.")
+flags.DEFINE_list("modes", ["train", "forward"], "train and/or forward.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds per case (one step of each side per round).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per side after compilation.")
+flags.DEFINE_integer("threads", 0, "Threads for both frameworks; 0 = all cores.")
+flags.DEFINE_integer("depth", 50, "ResNet depth (50: the paper's).")
+flags.DEFINE_enum("conv", "auto", ["auto", "plain"], "radnet's convolution formulations "
+                  "(radnet/models/conv.py): auto (CPU rewrites) or plain XLA convolutions.")
+flags.DEFINE_bool("monai", True, "Also time MONAI's VNet for vnet cases when importable.")
+FLAGS = flags.FLAGS
+
+
+def _setup_threads(threads: int) -> int:
+    threads = threads or os.cpu_count() or 1
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_cpu_multi_thread_eigen=true "
+                               f"intra_op_parallelism_threads={threads}").strip()
+    return threads
+
+
+def _parse_case(text):
+    model, shape, batch = text.split(":")
+    return model, tuple(int(s) for s in shape.lower().split("x")), int(batch)
+
+
+# ---------------------------------------------------------------- PyTorch side
+
+
+def _torch_models(torch):
+    from torch import nn  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from radnet.interop import torch_reference  # noqa: PLC0415
+
+    class UpLevel(nn.Module):
+        """radnet/models/vnet.py UpLevel: upconv → norm → ReLU, concat skip, conv-norm-ReLU,
+        conv-norm, + up, ReLU."""
+
+        def __init__(self, cin, cskip, features, factor):
+            super().__init__()
+            self.upconv = nn.ConvTranspose3d(cin, features, factor, stride=factor, bias=False)
+            self.upnorm = nn.BatchNorm3d(features, eps=1e-5)
+            self.conv1 = nn.Conv3d(features + cskip, features, 3, padding=1, bias=False)
+            self.norm1 = nn.BatchNorm3d(features, eps=1e-5)
+            self.conv2 = nn.Conv3d(features, features, 3, padding=1, bias=False)
+            self.norm2 = nn.BatchNorm3d(features, eps=1e-5)
+
+        def forward(self, x, skip):
+            up = F.relu(self.upnorm(self.upconv(x)))
+            y = F.relu(self.norm1(self.conv1(torch.cat([up, skip], 1))))
+            return F.relu(self.norm2(self.conv2(y)) + up)
+
+    class VNet(nn.Module):
+        """radnet's VNet (radnet variant, batch norm): the torch_reference encoder + the
+        decoder levels of radnet.models.vnet.DECODER_LEVELS."""
+
+        def __init__(self, depth=50, width=64, decoder_width=16, num_classes=2):
+            super().__init__()
+            self.encoder = torch_reference.ResNet3D(depth, width)
+            exp = 4 if torch_reference.DEPTHS[depth][0] == "bottleneck" else 1
+            ch = {"stem": width, **{f"block{i + 1}": width * 2 ** i * exp for i in range(4)}}
+            self.levels = nn.ModuleList()
+            cin = ch["block4"]
+            for _, skip, mult, factor in (("up3", "block3", 8, 2), ("up2", "block2", 4, 2),
+                                          ("up1", "block1", 2, 2), ("up0", "stem", 1, 2)):
+                self.levels.append(UpLevel(cin, ch[skip], decoder_width * mult, factor))
+                cin = decoder_width * mult
+            self.top = UpLevel(cin, 1, decoder_width, (1, 2, 2))
+            self.logits = nn.Conv3d(decoder_width, num_classes, 1)
+
+        def forward(self, x):
+            _, feats = self.encoder(x)
+            h = feats["block4"]
+            for level, skip in zip(self.levels, ("block3", "block2", "block1", "stem")):
+                h = level(h, feats[skip])
+            return self.logits(self.top(h, x))
+
+    return torch_reference.RadNet, VNet
+
+
+def _torch_radnet_loss(torch, out, batch, weights):
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from radnet import labels  # noqa: PLC0415
+    total = 0.0
+    for head in labels.CLASS_HEADS:
+        t = batch[head]
+        valid = (t >= 0).float()
+        ce = F.cross_entropy(out[head], t.clamp(min=0), reduction="none")
+        total = total + weights[head] * (ce * valid).sum() / valid.sum().clamp(min=1)
+    t = batch["coverage"]
+    valid = (t >= 0).float()
+    bce = F.binary_cross_entropy_with_logits(out["coverage"], t.clamp(0, 1).float(),
+                                             reduction="none")
+    total = total + weights["coverage"] * (bce * valid).sum() / valid.sum().clamp(min=1)
+    err = out["slice_spacing"] - batch["effective_spacing_mm"]
+    total = total + weights["slice_spacing"] * torch.sqrt(torch.clamp((err ** 2).mean(), 1e-12))
+    return total
+
+
+# ---------------------------------------------------------------- the cases
+
+
+def _batch_np(shape, batch, rng, np, labels):
+    out = {"volume": rng.integers(0, 256, (batch, *shape), dtype=np.uint8)}
+    for head, names in labels.CLASS_HEADS.items():
+        out[head] = rng.integers(0, len(names), batch).astype(np.int32)
+    out["coverage"] = rng.integers(0, 2, (batch, len(labels.COVERAGE))).astype(np.int32)
+    out["effective_spacing_mm"] = rng.uniform(1, 10, batch).astype(np.float32)
+    out["mask"] = rng.integers(0, 2, (batch, *shape)).astype(np.int32)
+    return out
+
+
+def _build(model_name, shape, batch, threads):
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from radnet import labels, models  # noqa: PLC0415
+    from radnet.train import pretrain, state as state_lib  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    weights = dict(sequence=1.0, view=1.0, contrast=1.0, coverage=1.0, slice_spacing=0.1)
+    data = _batch_np(shape, batch, np.random.default_rng(0), np, labels)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4))
+    TorchRadNet, TorchVNet = _torch_models(torch)
+    depth = FLAGS.depth
+
+    if model_name == "resnet50":
+        model = models.RadNet(depth=depth)
+        keys = pretrain.TRAIN_KEYS
+        train_fn = pretrain.make_train_step(model, optimizer, weights, None)
+        tmodel = TorchRadNet(depth)
+    elif model_name == "vnet":
+        model = models.VNet(depth=depth)
+        keys = ("volume", "mask")
+
+        def train_fn(state, b, rng):
+            del rng
+
+            def loss_fn(params):
+                logits, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]},
+                                          pretrain.model_inputs(b["volume"]), train=True,
+                                          mutable=["batch_stats"])
+                return optax.softmax_cross_entropy_with_integer_labels(
+                    logits, b["mask"]).mean(), upd["batch_stats"]
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"],
+                                                                             updates),
+                     "batch_stats": stats, "opt_state": opt_state}, {"loss": loss})
+        tmodel = TorchVNet(depth)
+    else:
+        raise app.UsageError(f"unknown model {model_name!r} in --cases; use resnet50 or vnet")
+
+    jbatch = {k: jnp.asarray(data[k]) for k in keys}
+    x0 = pretrain.model_inputs(jbatch["volume"])
+    variables = jax.jit(lambda: model.init(jax.random.key(0), x0, train=False))()
+    state = state_lib.state_from_variables(optimizer, variables)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+    n_torch = sum(p.numel() for p in tmodel.parameters())
+    if n_params != n_torch:
+        raise SystemExit(f"parameter counts differ: radnet {n_params}, PyTorch {n_torch}")
+    step = jax.jit(train_fn, donate_argnums=(0,))
+    fwd = jax.jit(lambda v, vol: model.apply(v, pretrain.model_inputs(vol), train=False))
+    rng = jax.random.key(1)
+    t0 = time.perf_counter()
+    state, _ = jax.block_until_ready(step(state, jbatch, rng))
+    compile_train = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def radnet_train():
+        holder["state"], m = step(holder["state"], jbatch, rng)
+        jax.block_until_ready(m)
+
+    def radnet_forward():
+        s = holder["state"]
+        jax.block_until_ready(fwd({"params": s["params"], "batch_stats": s["batch_stats"]},
+                                  jbatch["volume"]))
+
+    t0 = time.perf_counter()
+    radnet_forward()
+    compile_forward = time.perf_counter() - t0
+
+    tbatch = {k: torch.from_numpy(np.asarray(v)) for k, v in data.items()}
+    tbatch["mask"] = tbatch["mask"].long()
+    for head in labels.CLASS_HEADS:
+        tbatch[head] = tbatch[head].long()
+    tx = (tbatch["volume"].float() / 255.0).unsqueeze(1)
+    topt = torch.optim.Adam(tmodel.parameters(), lr=1e-4, eps=1e-8)
+
+    def torch_loss():
+        out = tmodel(tx)
+        if model_name == "vnet":
+            return torch.nn.functional.cross_entropy(out, tbatch["mask"])
+        return _torch_radnet_loss(torch, out, tbatch, weights)
+
+    def torch_train():
+        tmodel.train()
+        topt.zero_grad(set_to_none=True)
+        torch_loss().backward()
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
+        topt.step()
+
+    def torch_forward():
+        tmodel.eval()
+        with torch.inference_mode():
+            tmodel(tx)
+
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    def gflop(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e9
+
+    sides = {"train": (radnet_train, torch_train), "forward": (radnet_forward, torch_forward)}
+    extra = {}
+    if model_name == "vnet" and FLAGS.monai:
+        try:
+            from monai.networks.nets import VNet as MonaiVNet  # noqa: PLC0415
+        except ImportError:
+            MonaiVNet = None
+        if MonaiVNet is not None:
+            mnet = MonaiVNet(spatial_dims=3, in_channels=1, out_channels=2)
+            mopt = torch.optim.Adam(mnet.parameters(), lr=1e-4, eps=1e-8)
+
+            def monai_train():
+                mnet.train()
+                mopt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(mnet(tx), tbatch["mask"]).backward()
+                torch.nn.utils.clip_grad_norm_(mnet.parameters(), 1.0)
+                mopt.step()
+            extra["monai_vnet"] = (monai_train, gflop(monai_train))
+    info = dict(params=n_params, compile_train_s=round(compile_train, 2),
+                compile_forward_s=round(compile_forward, 2),
+                gflop_train=round(gflop(torch_train), 2),
+                gflop_forward=round(gflop(torch_forward), 2))
+    return sides, extra, info
+
+
+def main(argv):
+    del argv
+    os.environ["RADNET_CONV"] = FLAGS.conv
+    threads = _setup_threads(FLAGS.threads)
+    import jax  # noqa: PLC0415  (after XLA_FLAGS)
+    jax.config.update("jax_platforms", "cpu")
+    for text in FLAGS.cases:
+        model_name, shape, batch = _parse_case(text)
+        sides, extra, info = _build(model_name, shape, batch, threads)
+        for mode in FLAGS.modes:
+            ours, theirs = sides[mode]
+            runners = {"radnet": ours, "torch": theirs}
+            if mode == "train":
+                runners.update({k: fn for k, (fn, _) in extra.items()})
+            for fn in runners.values():
+                for _ in range(FLAGS.warmup):
+                    fn()
+            times = {k: [] for k in runners}
+            loads = []
+            for _ in range(FLAGS.rounds):
+                loads.append(os.getloadavg()[0])
+                for name, fn in runners.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            gflop = info[f"gflop_{mode}"]
+            line = dict(bench="torch_reference", model=model_name, mode=mode,
+                        volume_shape=list(shape), batch=batch, threads=threads,
+                        conv=FLAGS.conv, rounds=FLAGS.rounds,
+                        radnet_s=round(med["radnet"], 4), torch_s=round(med["torch"], 4),
+                        ratio=round(med["radnet"] / med["torch"], 3),
+                        ratio_range=[round(min(a / b for a, b in zip(times["radnet"],
+                                                                        times["torch"])), 3),
+                                     round(max(a / b for a, b in zip(times["radnet"],
+                                                                        times["torch"])), 3)],
+                        gflop=gflop,
+                        radnet_ms_per_gflop=round(1e3 * med["radnet"] / gflop, 2),
+                        torch_ms_per_gflop=round(1e3 * med["torch"] / gflop, 2),
+                        load_avg_1m_max=round(max(loads), 2),
+                        torch_version=sys.modules["torch"].__version__,
+                        jax_version=jax.__version__, **info)
+            for name, (_, g) in extra.items():
+                if name in med:
+                    line[f"{name}_s"] = round(med[name], 4)
+                    line[f"{name}_gflop"] = round(g, 2)
+                    line[f"{name}_ms_per_gflop"] = round(1e3 * med[name] / g, 2)
+            print(json.dumps(line, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

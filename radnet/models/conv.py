@@ -1,0 +1,260 @@
+"""3D convolutions with the parameters of ``nn.Conv`` / ``nn.ConvTranspose`` and a
+formulation picked for the backend and the static shapes.
+
+Why: XLA:CPU runs the 3D convolutions of a 3D ResNet 2–4× slower than the same
+arithmetic written another way (measured, docs/performance.md):
+
+- ``pointwise`` — a 1×1×1 convolution is a matrix product over channels
+  (``[B·D·H·W, C] @ [C, F]``); its backward pass is two more products, where
+  XLA:CPU's convolution backward copies and transposes the kernel first.
+- ``depth_folded`` — a stride-1 k×k×k convolution as one 2D convolution: the kd
+  depth taps are folded into the input channels (kd shifted copies of the input,
+  ``[B·D, H, W, kd·C]``) against the kernel read as ``[kh, kw, kd·C, F]``. XLA:CPU's
+  2D convolutions are far better tuned than its 3D ones.
+- ``im2col`` — when the feature map is no larger than the kernel along some axis
+  (block3/block4 of a 16×64×64 input are 2×4×4 and 1×2×2), XLA:CPU swaps the
+  operands and reverses the whole kernel (28 MB at block4) on every call. Here the
+  taps that cannot reach the map are trimmed from the kernel and the rest is one
+  matrix product of the patches (``[B·D·H·W, taps·C] @ [taps·C, F]``).
+- ``plain`` — ``lax.conv_general_dilated``, what ``nn.Conv`` runs; used for strided or
+  dilated k×k×k convolutions and on every backend but the CPU.
+
+Every formulation computes the same sum of products as the plain convolution (only
+the order of the float32 additions differs); tests/radnet/test_conv_formulations.py
+checks outputs and gradients of each against ``nn.Conv`` / ``nn.ConvTranspose``.
+
+The choice is made once, at trace time, from the static shapes and
+``jax.default_backend()``: on GPU and TPU every layer takes the plain path (cuDNN and
+the TPU compiler handle 3D convolutions well; the rewrites would only add copies).
+``RADNET_CONV=plain`` in the environment forces the plain path everywhere (to
+compare, or to rule the rewrites out when chasing a numerical question).
+
+Parameters: ``kernel`` ``[kd, kh, kw, C_in, F]`` (and ``bias`` ``[F]``) exactly as
+``nn.Conv`` / ``nn.ConvTranspose`` (``transpose_kernel=False``) create them, under the
+same module name, so checkpoints, exports and the MONAI/MedicalNet converters see the
+same tree.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FORMULATIONS: tuple[str, ...] = ("plain", "pointwise", "depth_folded", "im2col")
+TRANSPOSE_FORMULATIONS: tuple[str, ...] = ("plain", "matmul")
+ENV_VAR = "RADNET_CONV"
+
+# im2col materialises taps × the input; above this many output voxels per volume the
+# depth-folded form is cheaper (measured crossover between 2×4×4 and 4×8×8 maps).
+IM2COL_MAX_VOXELS = 512
+
+_DN3 = ("NDHWC", "DHWIO", "NDHWC")
+_DN2 = ("NHWC", "HWIO", "NHWC")
+
+
+def _rewrites_allowed() -> bool:
+    if os.environ.get(ENV_VAR, "auto").lower() == "plain":
+        return False
+    return jax.default_backend() == "cpu"
+
+
+def reachable_taps(size: int, kernel: int, pad_low: int) -> tuple[int, int]:
+    """First and last kernel tap (inclusive) of a stride-1 convolution that touches at
+    least one of ``size`` input positions, given ``pad_low`` zeros before them.
+
+    Output ``o`` reads input ``o + t - pad_low`` at tap ``t``; with ``o`` and the input
+    both in ``[0, size)`` that is possible only for ``t - pad_low`` in ``(-size, size)``.
+    """
+    return max(0, pad_low - size + 1), min(kernel - 1, pad_low + size - 1)
+
+
+def choose(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+           dilation: Sequence[int], allow_rewrites: bool | None = None) -> str:
+    """The formulation for a convolution over a ``spatial`` (D, H, W) map."""
+    if allow_rewrites is None:
+        allow_rewrites = _rewrites_allowed()
+    if not allow_rewrites:
+        return "plain"
+    kernel, strides, dilation = tuple(kernel), tuple(strides), tuple(dilation)
+    if 0 in tuple(spatial):
+        return "plain"  # an empty map: the caller reports it (ResNet3D names the stage)
+    if kernel == (1, 1, 1):
+        return "pointwise"
+    if strides != (1, 1, 1) or dilation != (1, 1, 1) or any(k % 2 == 0 for k in kernel):
+        return "plain"
+    if spatial[0] * spatial[1] * spatial[2] <= IM2COL_MAX_VOXELS:
+        return "im2col"
+    return "depth_folded"
+
+
+def _same_pads(spatial, kernel, strides, dilation, padding):
+    """Explicit (low, high) pads per axis for ``padding`` = "SAME" or a list of pairs."""
+    if isinstance(padding, str):
+        if padding.upper() != "SAME":
+            if padding.upper() == "VALID":
+                return [(0, 0)] * 3
+            raise ValueError(f"padding {padding!r}: use 'SAME', 'VALID' or (low, high) pairs")
+        pads = []
+        for n, k, s, d in zip(spatial, kernel, strides, dilation):
+            out = -(-n // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - n, 0)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [tuple(int(v) for v in p) for p in padding]
+
+
+def _keeps_size(kernel, pads) -> bool:
+    return all(lo + hi == k - 1 for k, (lo, hi) in zip(kernel, pads))
+
+
+def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1, 1), dilation=(1, 1, 1),
+           padding: Any = "SAME", formulation: str = "plain") -> jnp.ndarray:
+    """``x [B, D, H, W, C]`` ⊛ ``kernel [kd, kh, kw, C, F]`` → ``[B, D', H', W', F]``,
+    the numbers of ``lax.conv_general_dilated`` computed by ``formulation``."""
+    strides, dilation = tuple(strides), tuple(dilation)
+    spatial, ksize = x.shape[1:4], kernel.shape[:3]
+    pads = _same_pads(spatial, ksize, strides, dilation, padding)
+    if formulation == "plain":
+        return jax.lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
+                                            dimension_numbers=_DN3)
+    if formulation == "pointwise":
+        if ksize != (1, 1, 1):
+            raise ValueError(f"pointwise needs a 1×1×1 kernel, got {ksize}")
+        xp = jnp.pad(x, ((0, 0), *pads, (0, 0))) if any(p != (0, 0) for p in pads) else x
+        xs = xp[:, ::strides[0], ::strides[1], ::strides[2]]
+        return jnp.einsum("bdhwc,cf->bdhwf", xs, kernel[0, 0, 0])
+    if strides != (1, 1, 1) or dilation != (1, 1, 1) or not _keeps_size(ksize, pads):
+        raise ValueError(f"{formulation} needs stride 1, no dilation and size-keeping padding, "
+                         f"got strides {strides} dilation {dilation} padding {pads}")
+    # Trim the taps that only ever meet padding (a map smaller than the kernel).
+    reach = [reachable_taps(n, k, lo) for n, k, (lo, _) in zip(spatial, ksize, pads)]
+    kernel = kernel[tuple(slice(a, b + 1) for a, b in reach)]
+    pads = [(lo - a, hi - (k - 1 - b)) for (lo, hi), k, (a, b) in zip(pads, ksize, reach)]
+    kd, kh, kw, c, f = kernel.shape
+    b, d, h, w, _ = x.shape
+    if formulation == "depth_folded":
+        xp = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)))
+        folded = jnp.concatenate([xp[:, i:i + d] for i in range(kd)], axis=-1)
+        folded = folded.reshape(b * d, h, w, kd * c)
+        k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, f)
+        y = jax.lax.conv_general_dilated(folded, k2, (1, 1), pads[1:], dimension_numbers=_DN2)
+        return y.reshape(b, d, h, w, f)
+    if formulation == "im2col":
+        xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+        patches = jnp.concatenate([xp[:, i:i + d, j:j + h, l:l + w]
+                                   for i in range(kd) for j in range(kh) for l in range(kw)],
+                                  axis=-1)
+        y = jnp.dot(patches.reshape(b * d * h * w, kd * kh * kw * c),
+                    kernel.reshape(kd * kh * kw * c, f))
+        return y.reshape(b, d, h, w, f)
+    raise ValueError(f"unknown convolution formulation {formulation!r}; use one of "
+                     f"{FORMULATIONS}")
+
+
+def conv_transpose3d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int],
+                     formulation: str = "plain") -> jnp.ndarray:
+    """``nn.ConvTranspose(kernel_size=strides, strides=strides, padding="VALID")``:
+    ``x [B, d, h, w, C]``, ``kernel [fd, fh, fw, C, F]`` → ``[B, d·fd, h·fh, w·fw, F]``.
+
+    ``matmul``: kernel = stride means the output blocks do not overlap; output voxel
+    ``(i·f + r)`` is ``x[i] @ kernel[f - 1 - r]`` (``lax.conv_transpose`` does not flip
+    the kernel, so the taps run backwards). One product ``[B·d·h·w, C] @ [C, f³·F]``
+    instead of a convolution over an input dilated with f³−1 zeros per voxel.
+    """
+    strides = tuple(strides)
+    if formulation == "plain":
+        return jax.lax.conv_transpose(x, kernel, strides, "VALID", dimension_numbers=_DN3)
+    if formulation != "matmul":
+        raise ValueError(f"unknown transposed-convolution formulation {formulation!r}; use "
+                         f"one of {TRANSPOSE_FORMULATIONS}")
+    fd, fh, fw, c, f = kernel.shape
+    if (fd, fh, fw) != strides:
+        raise ValueError(f"matmul needs kernel = strides, got kernel {(fd, fh, fw)} strides "
+                         f"{strides}")
+    b, d, h, w, _ = x.shape
+    flipped = kernel[::-1, ::-1, ::-1]
+    y = jnp.einsum("bdhwc,xyzcf->bdxhywzf", x, flipped)
+    return y.reshape(b, d * fd, h * fh, w * fw, f)
+
+
+class Conv3D(nn.Module):
+    """Drop-in for ``nn.Conv`` on ``[B, D, H, W, C]`` with the formulation of :func:`choose`.
+
+    Same parameters (``kernel`` [kd, kh, kw, C, F], ``bias`` [F]) and initialisers as
+    ``nn.Conv``. ``padding``: "SAME", "VALID" or three (low, high) pairs.
+    ``formulation``: "auto" (default: :func:`choose`) or one of :data:`FORMULATIONS`.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] = (1, 1, 1)
+    kernel_dilation: Sequence[int] = (1, 1, 1)
+    padding: Any = "SAME"
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.linear.default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+    formulation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        if x.ndim != 5:
+            raise ValueError(f"Conv3D expects [B, D, H, W, C], got shape {x.shape}")
+        ksize = tuple(self.kernel_size)
+        kernel = self.param("kernel", self.kernel_init, ksize + (x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        formulation = self.formulation
+        if formulation == "auto":
+            formulation = choose(x.shape[1:4], ksize, self.strides, self.kernel_dilation)
+            pads = _same_pads(x.shape[1:4], ksize, self.strides, self.kernel_dilation,
+                              self.padding)
+            if formulation in ("depth_folded", "im2col") and not _keeps_size(ksize, pads):
+                formulation = "plain"  # the rewrites assume output size = input size
+        y = conv3d(x.astype(dtype), kernel.astype(dtype), self.strides, self.kernel_dilation,
+                   self.padding, formulation)
+        if bias is not None:
+            y = y + bias.astype(dtype)
+        return y
+
+
+class UpConv3D(nn.Module):
+    """Drop-in for ``nn.ConvTranspose(features, factor, strides=factor, padding="VALID")``:
+    the non-overlapping up-sampling of the VNet decoder. Same ``kernel``
+    [fd, fh, fw, C, F] (and ``bias``). ``formulation``: "auto" (``matmul`` on the CPU,
+    ``plain`` elsewhere) or one of :data:`TRANSPOSE_FORMULATIONS`.
+    """
+
+    features: int
+    factor: Sequence[int]
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.linear.default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+    formulation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        if x.ndim != 5:
+            raise ValueError(f"UpConv3D expects [B, D, H, W, C], got shape {x.shape}")
+        factor = tuple(self.factor)
+        kernel = self.param("kernel", self.kernel_init, factor + (x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        formulation = self.formulation
+        if formulation == "auto":
+            formulation = "matmul" if _rewrites_allowed() else "plain"
+        y = conv_transpose3d(x.astype(dtype), kernel.astype(dtype), factor, formulation)
+        if bias is not None:
+            y = y + bias.astype(dtype)
+        return y

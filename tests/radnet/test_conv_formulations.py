@@ -1,0 +1,180 @@
+"""Each convolution formulation of radnet.models.conv against Flax's plain layers.
+
+Every formulation must give the outputs and gradients of ``nn.Conv`` /
+``nn.ConvTranspose`` with the very same parameters. Tolerance: the formulations add
+the same float32 products in another order, and two orders of a sum of K terms differ
+by at most 2·γ_K·Σ|terms| with γ_K = K·ε/(1 − K·ε) (Higham, Accuracy and Stability of
+Numerical Algorithms, §3.1), ε = 2^-24. Σ|terms| is computed exactly as the plain
+convolution (and its vector-Jacobian product) of |x|, |kernel| and |cotangent|. A
+wrong tap, flip, padding or channel order errs by O(Σ|terms|), far above that bound.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from radnet import models
+from radnet.models import conv
+
+EPS32 = 2.0 ** -24
+
+
+def _bound(num_terms, abs_sum):
+    gamma = num_terms * EPS32 / (1 - num_terms * EPS32)
+    return 2 * gamma * abs_sum
+
+
+def _rand(rng, shape, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32) * scale)
+
+
+def _check_against(plain_fn, fn, x, params, cotangent):
+    """Outputs and the gradients w.r.t. the input and every parameter equal the plain
+    layer's within the summation-order bound."""
+    # One jitted program per side (op-by-op dispatch compiles every primitive apart).
+    value_and_vjp = lambda f: jax.jit(lambda x, p, ct: (f(x, p), jax.vjp(f, x, p)[1](ct)))
+    y_ref, grads_ref = value_and_vjp(plain_fn)(x, params, cotangent)
+    y, grads = value_and_vjp(fn)(x, params, cotangent)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype == jnp.float32
+    # Σ|terms| of every output and gradient: the same linear maps applied to absolute values.
+    y_abs, grads_abs = value_and_vjp(plain_fn)(jnp.abs(x), jax.tree.map(jnp.abs, params),
+                                               jnp.abs(cotangent))
+    kernel = params["params"]["kernel"]
+    num_terms = max(int(np.prod(kernel.shape[:-1])) + 1, int(np.prod(kernel.shape[:3])) *
+                    kernel.shape[-1], int(np.prod(y.shape[:-1])))
+    np.testing.assert_array_less(np.abs(np.asarray(y - y_ref)),
+                                 np.asarray(_bound(num_terms, y_abs)) + 1e-30)
+    for g, g_ref, g_abs in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref),
+                               jax.tree.leaves(grads_abs)):
+        assert g.shape == g_ref.shape
+        np.testing.assert_array_less(np.abs(np.asarray(g - g_ref)),
+                                     np.asarray(_bound(num_terms, g_abs)) + 1e-30)
+    # The bound is not vacuous: the outputs are far from zero compared with it.
+    assert float(jnp.max(jnp.abs(y_ref))) > 1e3 * float(jnp.max(_bound(num_terms, y_abs)))
+
+
+# (input shape [B, D, H, W, C], kernel, padding, bias): maps larger and smaller than the
+# kernel (block4 of a 16×64×64 input is 1×2×2), odd and even sizes, the radnet stem kernel,
+# MedicalNet's symmetric padding pairs.
+CASES = [
+    ((2, 4, 6, 5, 3), (3, 3, 3), "SAME", False),
+    ((2, 1, 2, 2, 8), (3, 3, 3), "SAME", False),
+    ((1, 2, 4, 3, 4), (3, 3, 3), ((1, 1), (1, 1), (1, 1)), True),
+    ((1, 3, 9, 8, 2), (3, 7, 7), "SAME", False),
+    ((2, 3, 4, 5, 6), (1, 1, 1), "SAME", True),
+]
+
+
+# pointwise is defined for 1×1×1 kernels only (choose() never picks it for others); plain is
+# nn.Conv's own lax call.
+@pytest.mark.parametrize("formulation,shape,kernel,padding,bias", [
+    (f, *case) for case in CASES for f in conv.FORMULATIONS
+    if f != "plain" and (f != "pointwise" or case[1] == (1, 1, 1))])
+def test_formulation_equals_nn_conv(formulation, shape, kernel, padding, bias):
+    rng = np.random.default_rng(sum(shape) + len(formulation))
+    x = _rand(rng, shape)
+    plain = nn.Conv(5, kernel, padding=padding, use_bias=bias)
+    params = plain.init(jax.random.key(0), x)
+    if bias:  # a non-zero bias, so its gradient and addition are exercised
+        params["params"]["bias"] = _rand(rng, (5,))
+    layer = conv.Conv3D(5, kernel, padding=padding, use_bias=bias, formulation=formulation)
+    # Same parameter tree, shapes and initial values as nn.Conv under the same key.
+    assert jax.tree.map(lambda a: a.shape, layer.init(jax.random.key(0), x)) == \
+        jax.tree.map(lambda a: a.shape, params)
+    np.testing.assert_array_equal(layer.init(jax.random.key(0), x)["params"]["kernel"],
+                                  params["params"]["kernel"])
+    y_shape = plain.apply(params, x).shape
+    _check_against(lambda x, p: plain.apply(p, x), lambda x, p: layer.apply(p, x), x, params,
+                   _rand(rng, y_shape))
+
+
+def test_strided_pointwise_equals_nn_conv():
+    """MedicalNet's stride-2 1×1×1 projection shortcut, subsampled then multiplied."""
+    rng = np.random.default_rng(3)
+    x = _rand(rng, (2, 5, 6, 4, 3))
+    plain = nn.Conv(4, (1, 1, 1), strides=(2, 2, 2), padding=((0, 0),) * 3, use_bias=False)
+    params = plain.init(jax.random.key(0), x)
+    layer = conv.Conv3D(4, (1, 1, 1), strides=(2, 2, 2), padding=((0, 0),) * 3,
+                        use_bias=False, formulation="pointwise")
+    _check_against(lambda x, p: plain.apply(p, x), lambda x, p: layer.apply(p, x), x, params,
+                   _rand(rng, plain.apply(params, x).shape))
+
+
+@pytest.mark.parametrize("factor", [(2, 2, 2), (1, 2, 2)])
+def test_up_conv_equals_nn_conv_transpose(factor):
+    formulation = "matmul"
+    rng = np.random.default_rng(sum(factor))
+    x = _rand(rng, (2, 2, 3, 4, 6))
+    plain = nn.ConvTranspose(5, factor, strides=factor, padding="VALID", use_bias=True)
+    params = plain.init(jax.random.key(0), x)
+    params["params"]["bias"] = _rand(rng, (5,))
+    layer = conv.UpConv3D(5, factor, use_bias=True, formulation=formulation)
+    np.testing.assert_array_equal(layer.init(jax.random.key(0), x)["params"]["kernel"],
+                                  params["params"]["kernel"])
+    _check_against(lambda x, p: plain.apply(p, x), lambda x, p: layer.apply(p, x), x, params,
+                   _rand(rng, plain.apply(params, x).shape))
+
+
+def test_choice_follows_shapes_and_backend(monkeypatch):
+    choose = lambda spatial, k=(3, 3, 3), s=(1, 1, 1), d=(1, 1, 1): conv.choose(
+        spatial, k, s, d, allow_rewrites=True)
+    assert choose((8, 32, 32)) == "depth_folded"        # block1 of a 16×64×64 input
+    assert choose((1, 2, 2)) == "im2col"                # block4: a map smaller than the kernel
+    assert choose((8, 32, 32), (1, 1, 1)) == "pointwise"
+    assert choose((8, 32, 32), s=(2, 2, 2)) == "plain"  # strided 3×3×3: plain
+    assert choose((8, 32, 32), d=(2, 2, 2)) == "plain"  # dilated (Med3D): plain
+    assert conv.choose((8, 32, 32), (3, 3, 3), (1, 1, 1), (1, 1, 1),
+                       allow_rewrites=False) == "plain"  # GPU/TPU
+    monkeypatch.setenv(conv.ENV_VAR, "plain")
+    assert conv.choose((8, 32, 32), (3, 3, 3), (1, 1, 1), (1, 1, 1)) == "plain"
+    monkeypatch.setenv(conv.ENV_VAR, "auto")
+    expected = "depth_folded" if jax.default_backend() == "cpu" else "plain"
+    assert conv.choose((8, 32, 32), (3, 3, 3), (1, 1, 1), (1, 1, 1)) == expected
+
+
+def test_model_same_with_and_without_rewrites(monkeypatch):
+    """A whole network: the same parameters and the same outputs whether its layers take
+    the CPU formulations or the plain path (RADNET_CONV=plain). A VNet on a ResNet10
+    encoder at 16×64×64 meets them all: depth_folded (block1, 8×16×16), im2col (block2–4,
+    down to 1×2×2), pointwise (shortcuts, logits), matmul up-convolutions. (Gradients are
+    checked per layer above, where a rigorous bound exists; through a network in training
+    mode batch norm amplifies reordering differences by the inverse of tiny batch
+    variances, so a whole-network gradient comparison would need a loose, unjustified
+    tolerance.)"""
+    model = models.VNet(depth=10, width=4, decoder_width=2)
+    x = jax.random.uniform(jax.random.key(1), (1, 16, 64, 64, 1))
+
+    def run():
+        # "rbg" keys: a jitted init with threefry keys compiles for a minute on CPU.
+        variables = jax.jit(lambda: model.init(jax.random.key(0, impl="rbg"), x,
+                                               train=False))()
+        return variables, jax.jit(lambda v: model.apply(v, x, train=False))(variables)
+
+    monkeypatch.setenv(conv.ENV_VAR, "auto")
+    fast_vars, fast_out = run()
+    monkeypatch.setenv(conv.ENV_VAR, "plain")
+    plain_vars, plain_out = run()
+    assert jax.tree.structure(fast_vars) == jax.tree.structure(plain_vars)
+    for a, b in zip(jax.tree.leaves(fast_vars), jax.tree.leaves(plain_vars)):
+        np.testing.assert_array_equal(a, b)
+    # ~25 layers each within a few ε·Σ|terms| (above); 1e-4 of the output scale leaves a
+    # wide margin for that and is ~10^3 below the error of any wrong formulation.
+    scale = float(jnp.max(jnp.abs(plain_out)))
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(fast_out), np.asarray(plain_out), atol=1e-4 * scale,
+                               rtol=0)
+
+
+def test_padding_that_shrinks_the_map_takes_the_plain_path(monkeypatch):
+    """depth_folded and im2col assume output size = input size; VALID padding must not
+    reach them (auto falls back to plain) and asking for them by name is an error."""
+    monkeypatch.setenv(conv.ENV_VAR, "auto")
+    x = _rand(np.random.default_rng(5), (1, 5, 6, 7, 3))
+    plain = nn.Conv(4, (3, 3, 3), padding="VALID")
+    params = plain.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(conv.Conv3D(4, (3, 3, 3), padding="VALID").apply(params, x),
+                                  plain.apply(params, x))
+    with pytest.raises(ValueError, match="size-keeping padding"):
+        conv.Conv3D(4, (3, 3, 3), padding="VALID", formulation="im2col").apply(params, x)
