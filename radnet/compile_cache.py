@@ -69,5 +69,5 @@ def enable_from_flags() -> str | None:
         # A read-only home or a full disk must not stop a run: it only compiles again.
         logging.warning("persistent compilation cache off: %s", e)
         return None
-    logging.info("persistent compilation cache: %s", directory)
+    logging.debug("persistent compilation cache: %s", directory)  # -v 1 shows it
     return directory

@@ -174,14 +174,8 @@ def _read_csv(path: str) -> list[dict]:
 
 
 def open_dataset(dataset: str) -> LesionDataset:
-    try:
-        attrs = schema.read_attributes(dataset)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{dataset} is not a lesion dataset of radnet (no zarr.json); "
-                                "make one with python -m data_prep.deeplesion") from None
-    if attrs.get("kind") != KIND:
-        raise FileNotFoundError(f"{dataset} is not a lesion dataset of radnet "
-                                f"(kind={attrs.get('kind')!r})")
+    attrs = schema.read_attributes_of_kind(dataset, (KIND,), "lesion dataset",
+                                           "python -m data_prep.lesions or data_prep.deeplesion")
     image = ts.open({"driver": "zarr3",
                      "kvstore": schema.kvstore_spec(dataset.rstrip("/") + "/image")},
                     read=True).result()

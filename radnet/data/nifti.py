@@ -262,23 +262,12 @@ def prepare_case(volume_path: str, segmentation_path: str, in_plane: int = 192,
 
 def array_spec(dataset: str, kind: str, case_id: str, shape=None) -> dict:
     """One case's image or mask array: schema's array layout, chunks of CHUNK_SLICES."""
-    name = f"{kind}/{case_id}"
-    if shape is None:  # open an existing array
-        return {"driver": "zarr3", "kvstore": schema.kvstore_spec(f"{dataset.rstrip('/')}/{name}")}
-    return schema.array_spec(dataset, name, shape, "uint8", (CHUNK_SLICES, *shape[1:]),
-                              schema.CODECS["zstd"], 0)
+    return schema.slices_array_spec(dataset, f"{kind}/{case_id}", CHUNK_SLICES, shape)
 
 
 def read_attributes(dataset: str) -> dict:
-    try:
-        attrs = schema.read_attributes(dataset)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{dataset} is not a segmentation dataset of radnet (no "
-                                "zarr.json; make one with python -m data_prep.nifti)") from None
-    if attrs.get("kind") not in KINDS:
-        raise FileNotFoundError(f"{dataset} is not a segmentation dataset of radnet "
-                                f"(kind={attrs.get('kind')!r}; make one with python -m data_prep.nifti)")
-    return attrs
+    return schema.read_attributes_of_kind(dataset, KINDS, "segmentation dataset",
+                                          "python -m data_prep.nifti")
 
 
 def class_names(attrs: dict) -> list[str]:

@@ -210,6 +210,28 @@ def read_attributes(path: str) -> dict:
     return json.loads(raw.value)["attributes"]
 
 
+def read_attributes_of_kind(path: str, kinds, what: str, make_with: str) -> dict:
+    """The group attributes of a task dataset whose ``kind`` is one of ``kinds``; else a
+    FileNotFoundError naming ``what`` the folder should be and the command ``make_with``."""
+    try:
+        attrs = read_attributes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is not a {what} of radnet (no zarr.json); make one "
+                                f"with {make_with}") from None
+    if attrs.get("kind") not in tuple(kinds):
+        raise FileNotFoundError(f"{path} is not a {what} of radnet (kind={attrs.get('kind')!r}; "
+                                f"make one with {make_with})")
+    return attrs
+
+
+def slices_array_spec(path: str, name: str, chunk_slices: int, shape=None) -> dict:
+    """A per-case uint8 array ``name`` of a task dataset (slices first), zstd, chunks of
+    ``chunk_slices`` whole slices: the spec to open it (``shape`` None) or to create it."""
+    if shape is None:
+        return {"driver": "zarr3", "kvstore": kvstore_spec(f"{path.rstrip('/')}/{name}")}
+    return array_spec(path, name, shape, "uint8", (chunk_slices, *shape[1:]), CODECS["zstd"], 0)
+
+
 def open_arrays(path: str, names=ARRAY_NAMES, read_only: bool = True,
                 context: ts.Context | None = None) -> dict[str, ts.TensorStore]:
     """Opens the arrays of an existing dataset by name."""

@@ -43,22 +43,12 @@ NODULE_COLUMNS = ("series_key", "nodule", "kind", "n_readers", "malignancy_media
 
 
 def array_spec(dataset: str, key: str, shape=None) -> dict:
-    name = f"image/{key}"
-    if shape is None:
-        return {"driver": "zarr3", "kvstore": schema.kvstore_spec(f"{dataset.rstrip('/')}/{name}")}
-    return schema.array_spec(dataset, name, shape, "uint8", (CHUNK_SLICES, *shape[1:]),
-                             schema.CODECS["zstd"], 0)
+    return schema.slices_array_spec(dataset, f"image/{key}", CHUNK_SLICES, shape)
 
 
 def read_attributes(dataset: str) -> dict:
-    try:
-        attrs = schema.read_attributes(dataset)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{dataset} is not a LIDC dataset of radnet (no zarr.json); "
-                                "build it with python -m data_prep.lidc") from None
-    if attrs.get("kind") != "lidc":
-        raise FileNotFoundError(f"{dataset} is not a LIDC dataset (kind={attrs.get('kind')!r})")
-    return attrs
+    return schema.read_attributes_of_kind(dataset, ("lidc",), "LIDC dataset",
+                                          "python -m data_prep.lidc")
 
 
 def _read_csv(path: str) -> list[dict[str, str]]:

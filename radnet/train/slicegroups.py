@@ -321,21 +321,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                if config.eval.prior_correction else None)
     model = SliceGroupNet(**config.model)
     input_shape = (1, *config.input.volume_shape, 1)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
-                                                 train=False))
-    param_labels = transfer.label_tree(abstract["params"], frozen)
-    stat_labels = transfer.label_tree(abstract.get("batch_stats", {}), frozen)
-    optimizer = transfer.freeze(state_lib.build_optimizer(config), frozen)
+    param_labels, stat_labels, optimizer = transfer.labels_and_optimizer(
+        model, input_shape, frozen, state_lib.build_optimizer(config))
     predict_step = jax.jit(make_predict_step(model),
                            out_shardings=(placement.batch_sharding, placement.replicated))
 
     def initial_variables() -> dict:
         variables = init_variables(model, input_shape, config.seed)
-        if transfer.restores_encoder(config.freeze):
-            variables, step = ckpt_lib.restore_subtree(config.pretrained.workdir, variables,
-                                                       config.pretrained.step)
-            logging.info("restored the encoder of %s step %d", config.pretrained.workdir, step)
-        return variables
+        return transfer.with_pretrained_encoder(variables, config)
 
     def validate(state, step: int) -> dict[str, float]:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}

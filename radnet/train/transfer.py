@@ -25,7 +25,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import optax
+from absl import logging
 
 from radnet.models import STAGES
 
@@ -117,3 +120,27 @@ def freeze(tx: optax.GradientTransformation, stages: Sequence[str],
 def keep_frozen(new: Any, old: Any, labels: Any) -> Any:
     """Frozen leaves from ``old``, the rest from ``new`` (static choice, bit-exact)."""
     return jax.tree.map(lambda lab, n, o: o if lab == FROZEN else n, labels, new, old)
+
+
+def labels_and_optimizer(model, input_shape: Sequence[int], stages: Sequence[str],
+                         tx: optax.GradientTransformation):
+    """``(param_labels, stat_labels, optimizer)`` of a transfer task: the frozen/trainable
+    label of every parameter and batch statistic of ``model`` (traced on ``input_shape``,
+    nothing computed) and ``tx`` with ``stages`` of the encoder frozen."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
+                                                 train=False))
+    return (label_tree(abstract["params"], stages),
+            label_tree(abstract.get("batch_stats", {}), stages),
+            freeze(tx, stages))
+
+
+def with_pretrained_encoder(variables: dict, config: ml_collections.ConfigDict) -> dict:
+    """``variables`` with the encoder of ``config.pretrained`` when ``config.freeze`` restores
+    one (every task that transfers the encoder: segment, detect, slicegroups)."""
+    if not restores_encoder(config.freeze):
+        return variables
+    from radnet.train import checkpoint as ckpt_lib  # noqa: PLC0415 -- checkpoint is heavy
+    variables, step = ckpt_lib.restore_subtree(config.pretrained.workdir, variables,
+                                               config.pretrained.step)
+    logging.info("restored the encoder of %s step %d", config.pretrained.workdir, step)
+    return variables

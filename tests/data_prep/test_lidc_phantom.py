@@ -120,4 +120,4 @@ def test_missing_root_is_one_line_and_exit_2(tmp_path):
                         f"--out={tmp_path}/ds", f"--salt_file={tmp_path}/salt"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("data_prep.lidc: error: --lidc_root=")
+    assert r.stderr.strip().splitlines()[-1].startswith("radnet: error: --lidc_root=")
