@@ -75,7 +75,7 @@ def get_config(arg=None):
     if arg.demo:
         # Phantom cases on 2 CPU cores (encoder from the demo pretraining, 48×64×64).
         config.model.decoder_width = 4
-        config.train.update(batch_size=2, num_steps=30, log_every_steps=5)
+        config.train.update(batch_size=2, num_steps=30, log_every_steps=15)  # 2 lines a run
         config.optimizer.lr = 3e-3
         config.eval.update(every_steps=15, batch_size=2)
         config.checkpoint.every_steps = 15

@@ -681,7 +681,8 @@ def final_evaluation(config, workdir: str, variables, best_step: int, evaluate, 
             json.dump(summary, f, indent=1)
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
-    logging.info("segment results: %s", json.dumps(
+    # In results.json and the tables the caller prints; -v 1 shows it here too.
+    logging.debug("segment results: %s", json.dumps(
         {s: results[s] for s in ("val", "test") if s in results}))
     return results
 
