@@ -46,6 +46,10 @@ flags.DEFINE_list("cases", ["resnet50:16x64x64:2", "resnet50:48x96x96:2",
 flags.DEFINE_list("modes", ["train", "forward"], "train and/or forward.")
 flags.DEFINE_integer("rounds", 5, "Timed rounds per case (one step of each side per round).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per side after compilation.")
+flags.DEFINE_float("max_load", 0.0, "When > 0: before each timed round wait (up to "
+                   "--max_wait_s) until the 1-minute load average is under this value, "
+                   "so every round starts on a quiet machine (the wait is not timed).")
+flags.DEFINE_integer("max_wait_s", 180, "Longest wait for --max_load per round.")
 flags.DEFINE_integer("threads", 0, "Threads for both frameworks; 0 = all cores.")
 flags.DEFINE_integer("depth", 50, "ResNet depth (50: the paper's).")
 flags.DEFINE_enum("conv", "auto", ["auto", "plain"], "radnet's convolution formulations "
@@ -286,6 +290,16 @@ def _build(model_name, shape, batch, threads):
     return sides, extra, info
 
 
+def _wait_for_quiet(max_load: float, max_wait_s: int) -> None:
+    """Sleeps until the 1-minute load average is under ``max_load`` (this benchmark's own
+    threads raise it while they run; it decays with a 60 s time constant)."""
+    if max_load <= 0:
+        return
+    deadline = time.monotonic() + max_wait_s
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(2.0)
+
+
 def main(argv):
     del argv
     os.environ["RADNET_CONV"] = FLAGS.conv
@@ -306,6 +320,7 @@ def main(argv):
             times = {k: [] for k in runners}
             loads = []
             for _ in range(FLAGS.rounds):
+                _wait_for_quiet(FLAGS.max_load, FLAGS.max_wait_s)
                 loads.append(os.getloadavg()[0])
                 for name, fn in runners.items():
                     t0 = time.perf_counter()

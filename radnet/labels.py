@@ -78,6 +78,7 @@ EXCLUSION_REASONS: tuple[str, ...] = (
     "invalid_rescale",      # a slice's RescaleSlope is 0 or not finite, or its intercept is not finite
     "pixel_data_mismatch",  # PixelData length differs from Rows × Columns × frames × BitsAllocated
     "constant_volume",      # every voxel equal after rescale and padding removal (nothing to learn)
+    "swapped_dimensions",   # pixel rows run Rows wide, not Columns: Rows/Columns swapped on every slice
 )
 # Reasons that say nothing about the input: a re-run tries again.
 TRANSIENT_REASONS: tuple[str, ...] = ("worker_died", "timeout")

@@ -627,6 +627,39 @@ def check_pixel_data_length(ds, what: str) -> None:
                           f"Rows×Columns×frames×samples×BitsAllocated needs {expected}")
 
 
+# A stored frame whose rows run Rows pixels wide instead of Columns (Rows and Columns swapped
+# on every slice: the Pixel Data length still matches) decodes to a sheared, striped image.
+# In a true image the pixel one row below (a step of Columns in the flat array) is the
+# closest neighbour; with the two swapped, the step of Rows is. Flagged when the mean
+# absolute difference at a step of Rows is below this share of the one at Columns.
+# pydicom's bundled non-square images and the phantoms sit at 2.0-35 stored correctly and
+# at 0.03-0.5 swapped (0.5: Rows = 2 × Columns, where a step of Columns is two true rows);
+# tests/radnet/test_preprocess.py. A noisy image with no structure gives ≈ 1 either way
+# and passes: a miss, never a wrong exclusion.
+SWAPPED_LAYOUT_RATIO = 0.7
+
+
+def check_row_layout(stored: np.ndarray, what: str) -> None:
+    """``swapped_dimensions`` when a non-square frame's rows look ``Rows`` long.
+
+    Measured on one frame of a series (the middle file's): the index and the header
+    cannot tell Rows/Columns swapped consistently on every slice (same byte count)."""
+    if stored.ndim != 2:
+        return
+    rows, cols = stored.shape
+    if rows == cols or min(rows, cols) < 8:
+        return
+    flat = stored.reshape(-1).astype(np.float32)
+    step_declared = float(np.abs(flat[cols:] - flat[:-cols]).mean())
+    step_swapped = float(np.abs(flat[rows:] - flat[:-rows]).mean())
+    if step_swapped < SWAPPED_LAYOUT_RATIO * step_declared:
+        raise SeriesError("swapped_dimensions",
+                          f"{what}: the pixel rows look {rows} wide, not Columns = {cols}: "
+                          f"Rows ({rows}) and Columns ({cols}) appear swapped "
+                          f"(neighbour difference {step_swapped:.3g} at a step of Rows, "
+                          f"{step_declared:.3g} at a step of Columns)")
+
+
 def _decode(ds, what: str, scratch=None) -> np.ndarray:
     samples = dicom_values.number(ds, "SamplesPerPixel", 1.0)
     if samples != 1:
@@ -734,9 +767,11 @@ def _physical_padded(stored, padding, workspace, slope, intercept, lut_ds, out):
     return physical, fraction, s * least_stored + b
 
 
-def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[Frame]:
+def read_frames(path: str, workspace: "Workspace", what: str = "file",
+                check_layout: bool = False) -> list[Frame]:
     """All frames of one DICOM file, rescaled to physical values and resized in-plane
-    into slots of ``workspace``."""
+    into slots of ``workspace``. ``check_layout``: also run :func:`check_row_layout` on
+    its (middle) frame."""
     try:
         mode = os.stat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would block the open
@@ -763,6 +798,8 @@ def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[F
             raise SeriesError("inconsistent_geometry",
                               f"{what}: {len(per_frame)} frame groups for {n_frames} frames")
         pixels = _decode(ds, what, workspace.scratch).reshape(n_frames, rows, cols)
+        if check_layout:
+            check_row_layout(pixels[n_frames // 2], what)
         frames = []
         for k, group in enumerate(per_frame):
             position = _group_value(group, shared, "PlanePositionSequence", "ImagePositionPatient")
@@ -792,6 +829,8 @@ def read_frames(path: str, workspace: "Workspace", what: str = "file") -> list[F
     if lut_ds is None:
         check_rescale(slope, intercept, what)
     pixels = _decode(ds, what, workspace.scratch)
+    if check_layout:
+        check_row_layout(pixels, what)
     physical, fraction, least = _physical(pixels, workspace, slope, intercept, padding,
                                           lut_ds=lut_ds)
     return [Frame(position, orientation, rows, cols, physical, fraction, least)]
@@ -911,9 +950,11 @@ def build_volume(paths: Iterable[str], options: VolumeOptions,
     paths = list(paths)
     if not paths:
         raise SeriesError("decode_failed", "the series has no files")
+    middle = len(paths) // 2   # one frame per series is enough to see a swapped layout
     for k, path in enumerate(paths):
         what = names[k] if names is not None else f"file {k + 1} of {len(paths)}"
-        frames.extend(frames_of_series(read_frames(path, workspace, what), orientation,
+        frames.extend(frames_of_series(read_frames(path, workspace, what, k == middle),
+                                       orientation,
                                        options.max_orientation_deviation_deg, what))
     frames, positions = order_frames(frames, options.max_orientation_deviation_deg)
     fill_padding(frames)

@@ -31,12 +31,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def archive(root: Path, num_series: int = 4, n_slices: int = 12, size: int = 32,
-            extra: dict | None = None) -> tuple[str, str, list[dict]]:
-    """A small archive and its index; returns (index, dicom root, series dicts)."""
+            extra: dict | None = None, shapes: dict | None = None
+            ) -> tuple[str, str, list[dict]]:
+    """A small archive and its index; returns (index, dicom root, series dicts).
+    ``shapes``: series number → (rows, columns) where not size × size."""
     rng = np.random.default_rng(5)
     series = []
     for k in range(num_series):
-        paths, _ = synth.write_body_series(str(root / "dicom" / f"s{k}"), n_slices, size, size,
+        rows, cols = (shapes or {}).get(k, (size, size))
+        paths, _ = synth.write_body_series(str(root / "dicom" / f"s{k}"), n_slices, rows, cols,
                                            slice_spacing_mm=2.5, rng=rng)
         series.append(dict(series_key=f"{k:032x}", paths=paths, patient_key=f"p{k}",
                            split=labels.SPLITS[k % 3], **(extra or {}).get(k, {})))
@@ -162,7 +165,8 @@ def _edit(paths, k, **attrs):
 
 def test_bad_pixels_and_a_too_large_series_are_excluded_with_their_reasons(tmp_path):
     huge = {"rows": 46340, "columns": 46340, "n_slices": 12}   # what the index read
-    index, dicom, series = archive(tmp_path, num_series=10, extra={8: huge})
+    index, dicom, series = archive(tmp_path, num_series=11, extra={8: huge},
+                                   shapes={10: (32, 24)})
     p = [s["paths"] for s in series]
     _edit(p[0], 5, RescaleSlope="nan")                 # one slice, each of these
     _edit(p[1], 5, RescaleSlope="1e39")
@@ -178,6 +182,8 @@ def test_bad_pixels_and_a_too_large_series_are_excluded_with_their_reasons(tmp_p
     ds = pydicom.dcmread(p[6][5])                      # rows and columns swapped (non-square)
     ds.Rows, ds.Columns = 16, 64
     ds.save_as(p[6][5])
+    for path in p[10]:                                 # swapped on every slice: same length
+        _edit([path], 0, Rows=24, Columns=32)
     os.unlink(p[9][2])
     os.mkfifo(p[9][2])                                 # a file became a FIFO: never opened
     out = tmp_path / "ds"
@@ -186,10 +192,11 @@ def test_bad_pixels_and_a_too_large_series_are_excluded_with_their_reasons(tmp_p
     reasons = [rows[s["series_key"]]["reason"] for s in series]
     assert reasons == ["invalid_rescale", "invalid_rescale", "invalid_rescale", "invalid_rescale",
                        "constant_volume", "pixel_data_mismatch", "inconsistent_geometry", "",
-                       "too_large", "unreadable"], reasons
+                       "too_large", "unreadable", "swapped_dimensions"], reasons
     assert summary["dataset"]["excluded"] == {"invalid_rescale": 4, "constant_volume": 1,
                                               "pixel_data_mismatch": 1, "unreadable": 1,
-                                              "inconsistent_geometry": 1, "too_large": 1}
+                                              "inconsistent_geometry": 1, "too_large": 1,
+                                              "swapped_dimensions": 1}
     assert json.loads((out / "summary.json").read_text())["excluded"]["too_large"] == 1
     assert summary["dataset"]["built"] == 1 and summary["to_retry"] == 0
 

@@ -13,7 +13,8 @@ def test_exact_names_and_order():
         "unreadable", "not_image", "unsupported_modality", "too_few_slices",
         "inconsistent_geometry", "missing_description", "excluded_sequence", "time_series",
         "non_standard_view", "spacing_too_large", "decode_failed", "worker_died", "timeout",
-        "too_large", "invalid_rescale", "pixel_data_mismatch", "constant_volume")
+        "too_large", "invalid_rescale", "pixel_data_mismatch", "constant_volume",
+        "swapped_dimensions")
     assert labels.HEADS == ("sequence", "view", "contrast", "coverage", "slice_spacing")
     assert labels.HEAD_SIZES == {"sequence": 5, "view": 3, "contrast": 2, "coverage": 9,
                                  "slice_spacing": 1}

@@ -417,3 +417,33 @@ def test_workspace_reuse_gives_the_same_volumes(tmp_path):
         reused = preprocess.build_volume(paths, options, workspace=workspace).volume
         np.testing.assert_array_equal(fresh, reused)
     assert len(workspace._blocks) <= 1 + 30 // workspace.BLOCK  # noqa: SLF001
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "JPGExtended.dcm", "examples_overlay.dcm",
+                                  "JPEGLSNearLossless_16.dcm"])
+def test_row_layout_check_on_pydicoms_non_square_images(name):
+    """Stored as they are, pydicom's non-square greyscale images pass; the same bytes
+    with Rows and Columns swapped (same length, so no header check can see it) are
+    ``swapped_dimensions``."""
+    pixels = pydicom.dcmread(get_testdata_file(name)).pixel_array
+    pixels = pixels[pixels.shape[0] // 2] if pixels.ndim == 3 else pixels
+    preprocess.check_row_layout(pixels, "file")
+    with pytest.raises(preprocess.SeriesError) as err:
+        preprocess.check_row_layout(pixels.reshape(pixels.shape[::-1]), "file 3 of 9")
+    assert err.value.reason == "swapped_dimensions" and "file 3 of 9" in err.value.message
+
+
+@pytest.mark.parametrize("shape", [(32, 24), (256, 192), (192, 256), (128, 64), (64, 128)])
+def test_a_series_with_rows_and_columns_swapped_on_every_slice_is_excluded(tmp_path, shape):
+    rows, cols = shape
+    paths, _ = synth.write_body_series(str(tmp_path / "s"), 6, rows, cols,
+                                       rng=np.random.default_rng(rows + cols))
+    good = preprocess.build_volume(paths, opts((4, 16, 16)))
+    assert good.rows == rows and good.columns == cols
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.Rows, ds.Columns = cols, rows
+        ds.save_as(path)
+    with pytest.raises(preprocess.SeriesError) as err:
+        preprocess.build_volume(paths, opts((4, 16, 16)))
+    assert err.value.reason == "swapped_dimensions", err.value.message
