@@ -181,6 +181,16 @@ def conv_transpose3d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int]
     return y.reshape(b, d * fd, h * fh, w * fw, f)
 
 
+def _kernel_and_bias(module: nn.Module, x: jnp.ndarray, window: tuple[int, ...]):
+    """``kernel`` [*window, C_in, F] and ``bias`` [F] (None without ``use_bias``) declared
+    as ``nn.Conv`` / ``nn.ConvTranspose`` declare them, and the compute dtype."""
+    kernel = module.param("kernel", module.kernel_init, window + (x.shape[-1], module.features),
+                          module.param_dtype)
+    bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+            if module.use_bias else None)
+    return kernel, bias, module.dtype or jnp.result_type(x, kernel)
+
+
 class Conv3D(nn.Module):
     """Drop-in for ``nn.Conv`` on ``[B, D, H, W, C]`` with the formulation of :func:`choose`.
 
@@ -206,11 +216,7 @@ class Conv3D(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"Conv3D expects [B, D, H, W, C], got shape {x.shape}")
         ksize = tuple(self.kernel_size)
-        kernel = self.param("kernel", self.kernel_init, ksize + (x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        dtype = self.dtype or jnp.result_type(x, kernel)
+        kernel, bias, dtype = _kernel_and_bias(self, x, ksize)
         formulation = self.formulation
         if formulation == "auto":
             formulation = choose(x.shape[1:4], ksize, self.strides, self.kernel_dilation)
@@ -220,9 +226,7 @@ class Conv3D(nn.Module):
                 formulation = "plain"  # the rewrites assume output size = input size
         y = conv3d(x.astype(dtype), kernel.astype(dtype), self.strides, self.kernel_dilation,
                    self.padding, formulation)
-        if bias is not None:
-            y = y + bias.astype(dtype)
-        return y
+        return y if bias is None else y + bias.astype(dtype)
 
 
 class UpConv3D(nn.Module):
@@ -246,15 +250,9 @@ class UpConv3D(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"UpConv3D expects [B, D, H, W, C], got shape {x.shape}")
         factor = tuple(self.factor)
-        kernel = self.param("kernel", self.kernel_init, factor + (x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        dtype = self.dtype or jnp.result_type(x, kernel)
+        kernel, bias, dtype = _kernel_and_bias(self, x, factor)
         formulation = self.formulation
         if formulation == "auto":
             formulation = "matmul" if _rewrites_allowed() else "plain"
         y = conv_transpose3d(x.astype(dtype), kernel.astype(dtype), factor, formulation)
-        if bias is not None:
-            y = y + bias.astype(dtype)
-        return y
+        return y if bias is None else y + bias.astype(dtype)
