@@ -700,12 +700,17 @@ def nearest_neighbours(keys: Sequence[str], embeddings: np.ndarray, k: int,
     return out
 
 
+def _short(path: str) -> str:
+    """The last two parts of a path (a dataset's name, without the user's tree)."""
+    return "/".join(path.rstrip("/").split("/")[-2:])
+
+
 def _rule_lines(thresholds: dict[str, float], info: dict, config) -> list[str]:
     """qc.md's words for the rule in force and where its thresholds came from."""
     if info.get("calibrated"):
         src = info["source"]
         head = (f"Thresholds calibrated on {info['series']} series with trusted labels "
-                f"(split {','.join(src['splits'])} of the dataset `{os.path.basename(src['dataset'].rstrip('/'))}`): "
+                f"(split {','.join(src['splits'])} of the dataset `{_short(src['dataset'])}`): "
                 f"{info['flagged']} of them ({100 * info['flag_rate']:.1f} %) are flagged, for a "
                 f"target of at most {100 * float(info['key']['target_flag_rate']):g} %.")
     elif info.get("reason"):
