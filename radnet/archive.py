@@ -340,6 +340,8 @@ def _float(text) -> float | None:
 # agree to ~5e-7 (docs/predict.md): a series this close to its head's threshold is not
 # flagged on either side, so the calibration's own series keep their verdict here.
 QC_EPS = 1e-6
+# Fewer trusted series than this many times 1/target: the calibration warns (see above).
+QC_MIN_TAIL = 4
 
 
 def header_labels(row: dict) -> dict:
@@ -457,8 +459,16 @@ def calibrate_thresholds(scores: Sequence[dict[str, float]], headers: Sequence[d
     per_head = {h: {"compared": int(values[h].size), "threshold": thresholds[h],
                     "flagged": sum(h in f for f in flags)} for h in QC_HEADS}
     n_flagged = sum(bool(f) for f in flags)
-    return {"thresholds": thresholds, "per_head": per_head, "series": n,
-            "flagged": n_flagged, "flag_rate": n_flagged / n if n else 0.0, "share": best}
+    out = {"thresholds": thresholds, "per_head": per_head, "series": n,
+           "flagged": n_flagged, "flag_rate": n_flagged / n if n else 0.0, "share": best}
+    if target > 0 and n * target < QC_MIN_TAIL:
+        # Each threshold then rests on the few largest scores of its head: a new correct
+        # series passes the largest of n about once in n + 1, per head.
+        out["warning"] = (f"only {n} trusted series: each threshold rests on a few scores, so "
+                          f"new series may be flagged more often than the "
+                          f"{100 * target:g} % target (≥ {math.ceil(QC_MIN_TAIL / target)} "
+                          "series make it firmer; docs/predict.md)")
+    return out
 
 
 def qc_flags(result: dict, row: dict, thresholds: dict[str, float], config) -> dict[str, float]:
@@ -599,6 +609,8 @@ def qc_thresholds(p, config, workdir: str) -> tuple[dict[str, float], dict]:
                      "thresholds %s", info["series"], dataset, ",".join(splits),
                      info["flagged"], 100 * info["flag_rate"],
                      {h: round(t, 4) for h, t in info["thresholds"].items()})
+        if info.get("warning"):
+            logging.warning("qc: %s", info["warning"])
     if jax.process_index() == 0:
         with open(path, "w") as f:
             json.dump(info, f, indent=1, sort_keys=True)
@@ -712,7 +724,8 @@ def _rule_lines(thresholds: dict[str, float], info: dict, config) -> list[str]:
         head = (f"Thresholds calibrated on {info['series']} series with trusted labels "
                 f"(split {','.join(src['splits'])} of the dataset `{_short(src['dataset'])}`): "
                 f"{info['flagged']} of them ({100 * info['flag_rate']:.1f} %) are flagged, for a "
-                f"target of at most {100 * float(info['key']['target_flag_rate']):g} %.")
+                f"target of at most {100 * float(info['key']['target_flag_rate']):g} %."
+                + (f" Note: {info['warning']}." if info.get("warning") else ""))
     elif info.get("reason"):
         head = f"Fixed thresholds (not calibrated: {info['reason']})."
     else:

@@ -323,6 +323,9 @@ def test_calibrate_thresholds_on_trusted_series():
     # A series the image disbelieves beyond every trusted one, on a reliable head, is flagged.
     lie = {"sequence": 0.9, "view": 0.1, "contrast": 0.1, "slice_spacing": 0.0}
     assert list(archive.qc_flags_from(lie, headers[0], t, config)) == ["sequence"]
+    assert "warning" not in cal
+    small = archive.calibrate_thresholds(scores[:40], headers[:40], config)   # 40 × 5 % < 4
+    assert small["warning"].startswith("only 40 trusted series")
     config.qc_target_flag_rate = 0.0
     assert archive.calibrate_thresholds(scores, headers, config)["flagged"] == 0
 
