@@ -13,8 +13,10 @@ preprocessing; nothing is written to a dataset) and run through the model on all
 
 - ``predictions.csv``  one row per series found (columns: docs/predict.md)
 - ``embeddings.npy``   float32 [N, C], row i ↔ row i of predictions.csv (NaN: not predicted)
-- ``qc.md``            per head: how often header and image agree; the most confident
-                       disagreements (series keys only)
+- ``qc.md``            the QC rule and thresholds; per head: how often header and image
+                       agree; the strongest disagreements (series keys only)
+- ``qc_calibration.json``  the per-head QC thresholds, calibrated on series with trusted
+                       labels (the run's val and test splits by default; docs/predict.md)
 - ``neighbours.csv``   with ``config.neighbours=k``: each series' k nearest by cosine
 - ``suggested_overrides.csv``  confident predictions for missing header labels, in the
                        index's overrides.csv format
