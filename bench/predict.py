@@ -8,7 +8,8 @@ For each ``--workers`` value, one full run into a fresh folder (nothing resumed)
 series/s over every series found and over those predicted, and the time split between
 header reading (wall), grouping (wall), pixel preprocessing (the summed seconds of the
 volume builds, wherever they ran; with workers they overlap the model), waiting for pixels
-(the main process idle), and model inference (wall, less that waiting). With ``workers=0``
+(the main process idle), model inference (wall, less that waiting) and the QC calibration
+(the model on the run's validation split, once per OUT). With ``workers=0``
 the parts run one after another, so the split is exact.
 """
 
@@ -77,7 +78,7 @@ def main(argv):
                "seconds": s,
                "share": {k: round(s.get(k, 0.0) / s["total"], 3) for k in
                          ("load_model", "headers", "grouping", "pixels_worker_sum",
-                          "waiting_for_pixels", "inference")},
+                          "waiting_for_pixels", "inference", "qc_calibration")},
                "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)})
 
 

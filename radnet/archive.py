@@ -13,8 +13,10 @@ preprocessing; nothing is written to a dataset) and run through the model on all
 
 - ``predictions.csv``  one row per series found (columns: docs/predict.md)
 - ``embeddings.npy``   float32 [N, C], row i ↔ row i of predictions.csv (NaN: not predicted)
-- ``qc.md``            per head: how often header and image agree; the most confident
-                       disagreements (series keys only)
+- ``qc.md``            the QC rule and thresholds; per head: how often header and image
+                       agree; the strongest disagreements (series keys only)
+- ``qc_calibration.json``  the per-head QC thresholds, calibrated on series with trusted
+                       labels (the run's val and test splits by default; docs/predict.md)
 - ``neighbours.csv``   with ``config.neighbours=k``: each series' k nearest by cosine
 - ``suggested_overrides.csv``  confident predictions for missing header labels, in the
                        index's overrides.csv format
@@ -44,6 +46,7 @@ from absl import logging
 
 from radnet import labels
 from radnet import preprocess as preprocess_lib
+from radnet import rules
 from radnet.dicom import headers as dicom_headers
 from radnet.dicom import salt as salt_lib
 from radnet.dicom import series as series_lib
@@ -51,6 +54,7 @@ from radnet.dicom import series as series_lib
 PREDICTIONS_CSV = "predictions.csv"
 EMBEDDINGS = "embeddings.npy"
 QC_MD = "qc.md"
+QC_CALIBRATION_JSON = "qc_calibration.json"
 NEIGHBOURS_CSV = "neighbours.csv"
 OVERRIDES_CSV = "suggested_overrides.csv"
 SUMMARY_JSON = "summary.json"
@@ -203,6 +207,17 @@ def group(records: dict[str, dict], secret: bytes, index_config,
     return out
 
 
+def model_spacing(rows: Sequence[dict], depth: int) -> None:
+    """Sets each row's ``effective_spacing_mm`` to the spacing between the ``depth`` slices
+    of the model's volume (radnet.rules.effective_spacing_mm, the builder's formula): the
+    index's is for its own ``target_slices``, and the spacing head predicts the model's."""
+    for row in rows:
+        spacing, n = _float(row.get("slice_spacing_mm")), _float(row.get("n_slices"))
+        effective = (rules.effective_spacing_mm(spacing, int(n), depth)
+                     if spacing is not None and n is not None else None)
+        row["effective_spacing_mm"] = "" if effective is None else f"{effective:.6g}"
+
+
 def predictable(row: dict, also_predict: Sequence[str]) -> bool:
     """Included by the index, or excluded only for reasons the image does not need."""
     reasons = [r for r in (row.get("reasons") or "").split(";") if r]
@@ -321,35 +336,292 @@ def _float(text) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def qc_flags(result: dict, row: dict, config) -> dict[str, float]:
-    """Heads where the header label and a confident prediction disagree → the confidence
-    of the disagreement (docs/predict.md, "The QC rule")."""
-    thr = float(config.qc_threshold)
-    flags: dict[str, float] = {}
+# --------------------------------------------------------------------------- QC
+
+# Two inference paths (a stored volume through radnet.evaluate, the same volume made here)
+# agree to ~5e-7 (docs/predict.md): a series this close to its head's threshold is not
+# flagged on either side, so the calibration's own series keep their verdict here.
+QC_EPS = 1e-6
+# Fewer trusted series than this many times 1/target: the calibration warns (see above).
+QC_MIN_TAIL = 4
+
+
+def header_labels(row: dict) -> dict:
+    """An index row's header labels in array form: class heads as an index (-1 unknown),
+    ``coverage`` a 9-vector of 0/1 (None unknown), ``slice_spacing`` mm (None unknown)."""
+    out: dict[str, Any] = {}
     for head, names in labels.CLASS_HEADS.items():
-        header = row.get(head) or ""
-        if header:
-            probs = np.asarray(result[head], np.float64)
-            j = int(np.argmax(probs))
-            if names[j] != header and probs[j] >= thr:
-                flags[head] = float(probs[j])
-    header_cov = row.get("coverage") or ""
-    if header_cov:
-        hot = np.asarray(labels.coverage_to_multihot(header_cov))
+        value = row.get(head) or ""
+        out[head] = names.index(value) if value in names else labels.UNKNOWN
+    cov = row.get("coverage") or ""
+    out["coverage"] = np.asarray(labels.coverage_to_multihot(cov), np.float64) if cov else None
+    out["slice_spacing"] = _float(row.get("effective_spacing_mm"))
+    return out
+
+
+def qc_scores(result: dict, header: dict) -> dict[str, float]:
+    """Per head the header gives a label for: how strongly the image disbelieves it.
+
+    Class heads: 1 − p(the header's class). Coverage: the largest 1 − p(the header's
+    answer) over the nine regions. Slice spacing: |predicted − header| / header.
+    ``header``: :func:`header_labels`."""
+    scores: dict[str, float] = {}
+    for head in labels.CLASS_HEADS:
+        j = int(header[head])
+        if j >= 0:
+            scores[head] = 1.0 - float(np.asarray(result[head], np.float64)[j])
+    if header["coverage"] is not None:
         probs = np.asarray(result["coverage"], np.float64)
-        wrong = np.where(hot == 1, 1.0 - probs, probs)  # the confidence in the other answer
-        if (wrong >= thr).any():
-            flags["coverage"] = float(wrong.max())
-    header_mm = _float(row.get("effective_spacing_mm"))
-    if header_mm is not None:
-        pred = float(result["slice_spacing"])
-        allowed = max(float(config.qc_spacing_abs_mm), float(config.qc_spacing_rel) * header_mm)
-        if abs(pred - header_mm) > allowed:
-            flags["slice_spacing"] = abs(pred - header_mm) / max(header_mm, 1e-6)
+        scores["coverage"] = float(np.max(np.abs(header["coverage"] - probs)))
+    mm = header["slice_spacing"]
+    if mm is not None and mm > 0:
+        scores["slice_spacing"] = abs(float(result["slice_spacing"]) - mm) / mm
+    return scores
+
+
+def qc_flags_from(scores: dict[str, float], header: dict, thresholds: dict[str, float],
+                  config) -> dict[str, float]:
+    """The flagged heads of one series → their disbelief score: score > the head's
+    threshold (slice spacing: also off by more than ``config.qc_spacing_abs_mm``)."""
+    flags = {}
+    for head in QC_HEADS:
+        if head not in scores or scores[head] <= thresholds[head] + QC_EPS:
+            continue
+        if head == "slice_spacing" and \
+                scores[head] * header["slice_spacing"] <= float(config.qc_spacing_abs_mm):
+            continue
+        flags[head] = scores[head]
     return flags
 
 
-def prediction_row(s: Series, status: str, result: dict | None, config) -> dict:
+def fixed_thresholds(config) -> dict[str, float]:
+    """The uncalibrated rule: p(header label) < 1 − ``qc_threshold`` (coverage: for some
+    region), spacing off by more than ``qc_spacing_rel``."""
+    thr = float(config.qc_threshold)
+    return {**{h: thr for h in (*CLASS_HEADS, "coverage")},
+            "slice_spacing": float(config.qc_spacing_rel)}
+
+
+def qc_floors(config) -> dict[str, float]:
+    """The least threshold calibration may choose: the model must at least disagree
+    (disbelief ≥ ``qc_min_disbelief``: p(header label) ≤ 0.5 by default), and spacing be
+    off by ``qc_spacing_rel``."""
+    floor = float(config.qc_min_disbelief)
+    return {**{h: floor for h in (*CLASS_HEADS, "coverage")},
+            "slice_spacing": float(config.qc_spacing_rel)}
+
+
+def calibrate_thresholds(scores: Sequence[dict[str, float]], headers: Sequence[dict],
+                         config) -> dict:
+    """Per-head thresholds from series whose labels are trusted (e.g. a validation split).
+
+    Every head gets the same share ``q`` of its trusted series above its threshold (the
+    head's (1 − q) quantile of disbelief, never below :func:`qc_floors`); ``q`` is the
+    largest for which at most ``config.qc_target_flag_rate`` of the trusted series are
+    flagged on any head. Equal shares keep one weak head from taking the whole budget
+    (its threshold rises to where its errors stop) while the reliable heads keep low ones.
+    Returns {"thresholds", "per_head", "series", "flagged", "flag_rate", "share"}.
+    """
+    target = float(config.qc_target_flag_rate)
+    floors = qc_floors(config)
+    n = len(scores)
+    # [n, heads] disbelief, NaN where the header gives no label; spacing counts only where
+    # it is also off by more than the absolute tolerance (as qc_flags_from).
+    table = np.full((n, len(QC_HEADS)), np.nan)
+    for i, (s, hd) in enumerate(zip(scores, headers)):
+        for j, h in enumerate(QC_HEADS):
+            if h in s and (h != "slice_spacing" or s[h] * hd["slice_spacing"]
+                           > float(config.qc_spacing_abs_mm)):
+                table[i, j] = s[h]
+    values = {h: np.sort([s[h] for s in scores if h in s]) for h in QC_HEADS}
+
+    def at(q: float) -> dict[str, float]:
+        return {h: max(floors[h], float(np.quantile(values[h], 1.0 - q, method="higher"))
+                       if values[h].size else floors[h]) for h in QC_HEADS}
+
+    def count(thresholds) -> int:
+        limit = np.asarray([thresholds[h] for h in QC_HEADS]) + QC_EPS
+        with np.errstate(invalid="ignore"):
+            return int((table > limit).any(axis=1).sum())
+
+    # Candidate shares: where some head's quantile changes (k / n_h). The count only grows
+    # with q (every threshold falls), so the largest admissible share is found by bisection.
+    shares = np.unique(np.concatenate(
+        [[0.0]] + [np.arange(1, v.size + 1) / v.size for v in values.values() if v.size]))
+    lo, hi = 0, len(shares) - 1   # shares[lo] admissible (q = 0 flags nothing on these)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(at(float(shares[mid]))) <= target * n:
+            lo = mid
+        else:
+            hi = mid - 1
+    best = float(shares[lo])
+    thresholds = at(best)
+    flags = [qc_flags_from(s, hd, thresholds, config) for s, hd in zip(scores, headers)]
+    per_head = {h: {"compared": int(values[h].size), "threshold": thresholds[h],
+                    "flagged": sum(h in f for f in flags)} for h in QC_HEADS}
+    n_flagged = sum(bool(f) for f in flags)
+    out = {"thresholds": thresholds, "per_head": per_head, "series": n,
+           "flagged": n_flagged, "flag_rate": n_flagged / n if n else 0.0, "share": best}
+    if target > 0 and n * target < QC_MIN_TAIL:
+        # Each threshold then rests on the few largest scores of its head: a new correct
+        # series passes the largest of n about once in n + 1, per head.
+        out["warning"] = (f"only {n} trusted series: each threshold rests on a few scores, so "
+                          f"new series may be flagged more often than the "
+                          f"{100 * target:g} % target (≥ {math.ceil(QC_MIN_TAIL / target)} "
+                          "series make it firmer; docs/predict.md)")
+    return out
+
+
+def qc_flags(result: dict, row: dict, thresholds: dict[str, float], config) -> dict[str, float]:
+    """Heads where the header label and the image disagree beyond the threshold → the
+    disbelief score (docs/predict.md, "The QC rule")."""
+    header = header_labels(row)
+    return qc_flags_from(qc_scores(result, header), header, thresholds, config)
+
+
+def _calibration_source(p, config) -> tuple[str, list[str], bool]:
+    """(dataset, splits, asked): where to calibrate the QC thresholds; "" for nowhere."""
+    dataset = str(config.qc_calibration_dataset or "")
+    asked = dataset not in ("", "auto")
+    if dataset == "auto":
+        dataset = str(p.config.get("dataset", "") or "")
+    splits = [s.strip() for s in str(config.qc_calibration_split).split(",") if s.strip()]
+    return dataset, splits, asked
+
+
+def calibration_scores(p, config, dataset: str, splits: Sequence[str]
+                       ) -> tuple[list[dict], list[dict]]:
+    """The model on ``splits`` of ``dataset`` (stored volumes with trusted labels, through
+    radnet.evaluate's own path) → (disbelief scores, header labels) per series."""
+    from radnet import evaluate  # noqa: PLC0415
+    from radnet.evaluators import heads as heads_lib  # noqa: PLC0415
+
+    from radnet.data import source as source_lib  # noqa: PLC0415
+
+    scores, headers = [], []
+    for split in splits:
+        if not len(source_lib.split_rows(dataset, split)[0]):
+            continue
+        outputs, targets = evaluate.predict(p.config, p.variables, dataset, split,
+                                            int(config.batch_size))
+        for i in range(len(targets["index"])):
+            result = {h: heads_lib.softmax(outputs[h][i:i + 1])[0] for h in labels.CLASS_HEADS}
+            result["coverage"] = heads_lib.sigmoid(outputs["coverage"][i])
+            result["slice_spacing"] = float(np.asarray(outputs["slice_spacing"][i]).reshape(()))
+            cov = np.asarray(targets["coverage"][i], np.float64)
+            mm = float(targets[labels.SLICE_SPACING_TARGET][i])
+            header = {h: int(targets[h][i]) for h in labels.CLASS_HEADS}
+            header["coverage"] = cov if (cov >= 0).all() else None
+            header["slice_spacing"] = mm if math.isfinite(mm) else None
+            scores.append(qc_scores(result, header))
+            headers.append(header)
+    return scores, headers
+
+
+def calibrate(p, config, dataset: str, splits: Sequence[str]) -> dict:
+    """:func:`calibrate_thresholds` on :func:`calibration_scores`, with its source."""
+    from radnet.data import schema  # noqa: PLC0415
+
+    out = calibrate_thresholds(*calibration_scores(p, config, dataset, splits), config)
+    out["source"] = {"dataset": dataset if "://" in dataset else os.path.abspath(dataset),
+                     "splits": list(splits),
+                     "build": schema.read_attributes(dataset).get("build", {}).get("config", {})}
+    return out
+
+
+def _calibration_key(p, config) -> dict:
+    return {"checkpoint": os.path.abspath(p.source), "step": int(p.step),
+            "target_flag_rate": float(config.qc_target_flag_rate),
+            "min_disbelief": float(config.qc_min_disbelief),
+            "spacing_rel": float(config.qc_spacing_rel),
+            "spacing_abs_mm": float(config.qc_spacing_abs_mm)}
+
+
+def qc_thresholds(p, config, workdir: str) -> tuple[dict[str, float], dict]:
+    """The thresholds of this run's QC and where they came from (written to
+    OUT/qc_calibration.json): a calibration file given, one made earlier in ``workdir``
+    for the same model and settings, a new calibration on trusted labels, or the fixed
+    rule when there is nothing to calibrate on."""
+    import jax  # noqa: PLC0415
+
+    from radnet.train import loop  # noqa: PLC0415
+
+    key = _calibration_key(p, config)
+    path = os.path.join(workdir, QC_CALIBRATION_JSON)
+    given = str(config.qc_calibration or "")
+    if given:
+        if not os.path.isfile(given):
+            raise FileNotFoundError(f"--config.qc_calibration {given!r} does not exist (a "
+                                    f"{QC_CALIBRATION_JSON} of an earlier predict run)")
+        with open(given) as f:
+            info = json.load(f)
+        if {k: info.get("key", {}).get(k) for k in ("checkpoint", "step")} != \
+                {k: key[k] for k in ("checkpoint", "step")}:
+            raise loop.ConfigError(f"--config.qc_calibration {given} was made for another "
+                                   "checkpoint or step; its thresholds belong to that model")
+        if os.path.abspath(given) != os.path.abspath(path) and jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(info, f, indent=1, sort_keys=True)
+        return dict(info["thresholds"]), info
+    dataset, splits, asked = _calibration_source(p, config)
+    if os.path.isfile(path):
+        with open(path) as f:
+            info = json.load(f)
+        if info.get("key") == key and info.get("source", {}).get("splits") == splits and \
+                info.get("source", {}).get("dataset") in (dataset, os.path.abspath(dataset or ".")):
+            return dict(info["thresholds"]), info
+    reason = ""
+    if not dataset:
+        reason = ("the run names no dataset" if config.qc_calibration_dataset == "auto"
+                  else "turned off (qc_calibration_dataset is empty)")
+    elif "://" not in dataset and not os.path.isdir(dataset):
+        if asked:
+            raise FileNotFoundError(f"--config.qc_calibration_dataset {dataset!r} does not "
+                                    "exist (a dataset of data_prep.build_volumes)")
+        reason = f"the run's dataset {dataset} is not here"
+    else:
+        from radnet.data import schema  # noqa: PLC0415
+        from radnet.data import source as source_lib  # noqa: PLC0415
+
+        shape = tuple(int(s) for s in schema.read_attributes(dataset)["volume_shape"])
+        want = tuple(int(s) for s in p.volume_options.volume_shape)
+        bad = [s for s in splits if s not in labels.SPLITS]
+        if shape != want or bad:
+            why = (f"splits {bad} are not among {labels.SPLITS}" if bad else
+                   f"{dataset} holds volumes of {shape}, the model takes {want}")
+            if asked or bad:
+                raise loop.ConfigError(f"--config.qc_calibration_*: {why}")
+            reason = why
+        elif not sum(len(source_lib.split_rows(dataset, s)[0]) for s in splits):
+            if asked:
+                raise loop.ConfigError(f"--config.qc_calibration_split={','.join(splits)} of "
+                                       f"{dataset} has no series to calibrate on")
+            reason = f"split {','.join(splits)} of {dataset} is empty"
+    if reason:
+        logging.warning("qc: %s; the fixed rule p(header label) < %g is used (docs/predict.md)",
+                        reason, 1.0 - float(config.qc_threshold))
+        info = {"key": key, "calibrated": False, "reason": reason,
+                "thresholds": fixed_thresholds(config)}
+    else:
+        t0 = time.perf_counter()
+        info = calibrate(p, config, dataset, splits)
+        info.update(key=key, calibrated=True, seconds=round(time.perf_counter() - t0, 3))
+        logging.info("qc: calibrated on %d series of %s (%s): %d flagged (%.1f %%), "
+                     "thresholds %s", info["series"], dataset, ",".join(splits),
+                     info["flagged"], 100 * info["flag_rate"],
+                     {h: round(t, 4) for h, t in info["thresholds"].items()})
+        if info.get("warning"):
+            logging.warning("qc: %s", info["warning"])
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
+            f.write("\n")
+    return dict(info["thresholds"]), info
+
+
+def prediction_row(s: Series, status: str, result: dict | None, config,
+                   thresholds: dict[str, float] | None = None) -> dict:
     row = s.row
     reasons = [r for r in (row.get("reasons") or "").split(";") if r]
     out = {"series_key": row["series_key"], "patient_key": row.get("patient_key", ""),
@@ -371,7 +643,7 @@ def prediction_row(s: Series, status: str, result: dict | None, config) -> dict:
     for name, p in zip(labels.COVERAGE, cov):
         out[f"coverage_{name}"] = _fmt(p, 6)
     out["slice_spacing_mm"] = _fmt(result["slice_spacing"], 3)
-    out["qc"] = ";".join(qc_flags(result, row, config))
+    out["qc"] = ";".join(qc_flags(result, row, thresholds or fixed_thresholds(config), config))
     return out
 
 
@@ -442,17 +714,50 @@ def nearest_neighbours(keys: Sequence[str], embeddings: np.ndarray, k: int,
     return out
 
 
-def qc_report(series: list[Series], results: dict[str, dict], config) -> str:
-    """qc.md: per head, agreement of header and image, and the most confident
-    disagreements (series keys only)."""
-    thr = float(config.qc_threshold)
+def _short(path: str) -> str:
+    """The last two parts of a path (a dataset's name, without the user's tree)."""
+    return "/".join(path.rstrip("/").split("/")[-2:])
+
+
+def _rule_lines(thresholds: dict[str, float], info: dict, config) -> list[str]:
+    """qc.md's words for the rule in force and where its thresholds came from."""
+    if info.get("calibrated"):
+        src = info["source"]
+        head = (f"Thresholds calibrated on {info['series']} series with trusted labels "
+                f"(split {','.join(src['splits'])} of the dataset `{_short(src['dataset'])}`): "
+                f"{info['flagged']} of them ({100 * info['flag_rate']:.1f} %) are flagged, for a "
+                f"target of at most {100 * float(info['key']['target_flag_rate']):g} %."
+                + (f" Note: {info['warning']}." if info.get("warning") else ""))
+    elif info.get("reason"):
+        head = f"Fixed thresholds (not calibrated: {info['reason']})."
+    else:
+        head = "Thresholds from the calibration file given."
+    lines = [head, "", "| head | flagged when | threshold |", "|---|---|---:|"]
+    for h in QC_HEADS:
+        t = float(thresholds[h])
+        if h in labels.CLASS_HEADS:
+            lines.append(f"| {h} | p(header's class) < {1 - t:.4g} | {t:.4g} |")
+        elif h == "coverage":
+            lines.append(f"| {h} | p(header's answer) < {1 - t:.4g} for some region | {t:.4g} |")
+        else:
+            lines.append(f"| {h} | off the header by > {100 * t:.3g} % and > "
+                         f"{float(config.qc_spacing_abs_mm):g} mm | {t:.4g} |")
+    return lines
+
+
+def qc_report(series: list[Series], results: dict[str, dict], config,
+              thresholds: dict[str, float] | None = None, info: dict | None = None) -> str:
+    """qc.md: the rule and its thresholds, per head the agreement of header and image,
+    and the most confident disagreements (series keys only)."""
+    thresholds = thresholds or fixed_thresholds(config)
     lines = ["# Header against image", "",
-             f"A head is flagged when the header gives a label and the model disagrees with "
-             f"probability ≥ {thr:g} (coverage: any region; slice spacing: off by more than "
-             f"max({float(config.qc_spacing_abs_mm):g} mm, "
-             f"{100 * float(config.qc_spacing_rel):g} %)). Agreement: the model's answer "
-             "(argmax; coverage at 0.5; spacing within the tolerance) equals the header's.",
-             "", "| head | compared | agree | agreement | flagged |",
+             "A head is flagged when the header gives a label and the image disbelieves it: "
+             "its disbelief score (1 − the model's probability of the header's label; "
+             "coverage: the worst region; slice spacing: the relative difference) is above "
+             "the head's threshold. Agreement: the model's answer (argmax; coverage at 0.5; "
+             "spacing within the tolerance) equals the header's.", "",
+             *_rule_lines(thresholds, info or {}, config), "",
+             "| head | compared | agree | agreement | flagged |",
              "|---|---:|---:|---:|---:|"]
     flagged: dict[str, list] = {h: [] for h in QC_HEADS}
     counts = {h: [0, 0] for h in QC_HEADS}
@@ -470,7 +775,7 @@ def qc_report(series: list[Series], results: dict[str, dict], config) -> str:
             hot = np.asarray(labels.coverage_to_multihot(row["coverage"]))
             counts["coverage"][1] += bool(((np.asarray(r["coverage"]) >= 0.5) == (hot == 1)).all())
         header_mm = _float(row.get("effective_spacing_mm"))
-        flags = qc_flags(r, row, config)
+        flags = qc_flags(r, row, thresholds, config)
         if header_mm is not None:
             counts["slice_spacing"][0] += 1
             counts["slice_spacing"][1] += "slice_spacing" not in flags
@@ -487,15 +792,17 @@ def qc_report(series: list[Series], results: dict[str, dict], config) -> str:
             continue
         lines += ["", f"## {head}: most confident disagreements", ""]
         if head in labels.CLASS_HEADS:
-            lines += ["| series_key | header | model | probability |", "|---|---|---|---:|"]
+            lines += ["| series_key | header | model | its probability | p(header) |",
+                      "|---|---|---|---:|---:|"]
             for conf, key, row, r in items:
-                model = labels.CLASS_HEADS[head][int(np.argmax(r[head]))]
-                lines.append(f"| `{key}` | {row[head]} | {model} | {conf:.3f} |")
+                j = int(np.argmax(r[head]))
+                lines.append(f"| `{key}` | {row[head]} | {labels.CLASS_HEADS[head][j]} | "
+                             f"{float(r[head][j]):.4f} | {1 - conf:.2g} |")
         elif head == "coverage":
-            lines += ["| series_key | header | model (p ≥ 0.5) | confidence |", "|---|---|---|---:|"]
+            lines += ["| series_key | header | model (p ≥ 0.5) | disbelief |", "|---|---|---|---:|"]
             for conf, key, row, r in items:
                 model = ";".join(n for n, p in zip(labels.COVERAGE, r["coverage"]) if p >= 0.5)
-                lines.append(f"| `{key}` | {row['coverage']} | {model or '(none)'} | {conf:.3f} |")
+                lines.append(f"| `{key}` | {row['coverage']} | {model or '(none)'} | {conf:.4f} |")
         else:
             lines += ["| series_key | header (mm) | model (mm) | relative difference |",
                       "|---|---:|---:|---:|"]
@@ -532,6 +839,9 @@ def _check_config(config) -> None:
     for name in ("qc_threshold", "suggest_threshold", "coverage_threshold"):
         if not 0.0 < float(config[name]) <= 1.0:
             raise loop.ConfigError(f"--config.{name}={config[name]} must be in (0, 1]")
+    for name in ("qc_target_flag_rate", "qc_min_disbelief"):
+        if not 0.0 <= float(config[name]) < 1.0:
+            raise loop.ConfigError(f"--config.{name}={config[name]} must be in [0, 1)")
     if int(config.batch_size) < 1 or int(config.chunk_series) < 1 or int(config.workers) < 0:
         raise loop.ConfigError("--config.batch_size and --config.chunk_series must be ≥ 1, "
                                "--config.workers ≥ 0")
@@ -585,6 +895,7 @@ def run(config, workdir: str) -> int:
         seconds["headers"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         series = group(records, secret, config.index, collections_table)
+        model_spacing([s.row for s in series], int(options.volume_shape[0]))
         seconds["grouping"] = time.perf_counter() - t0
         logging.info("%d files, %d series", len(rels), len(series))
         also = _also_predict(config)
@@ -598,6 +909,9 @@ def run(config, workdir: str) -> int:
         made_this_run = len(remaining)
     finally:
         pool.close()
+    t0 = time.perf_counter()   # every process: calibrating runs the model on all devices
+    thresholds, qc_info = qc_thresholds(p, config, workdir)
+    seconds["qc_calibration"] = time.perf_counter() - t0
     if jax.process_index() != 0:
         return 0
     results = {k: dict(v, status=str(v["status"])) for k, v in _load_parts(work).items()}
@@ -615,14 +929,14 @@ def run(config, workdir: str) -> int:
                        if x and x not in also]
             status = reasons[0] if reasons else "excluded"
         ok = r is not None and status == PREDICTED
-        rows.append(prediction_row(s, status, r if ok else None, config))
+        rows.append(prediction_row(s, status, r if ok else None, config, thresholds))
         embeddings.append(np.asarray(r["embedding"], np.float32) if ok
                           else np.full((dim,), np.nan, np.float32))
     _write_csv(os.path.join(workdir, PREDICTIONS_CSV), columns(), rows)
     emb = np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)
     np.save(os.path.join(workdir, EMBEDDINGS), emb)
     with open(os.path.join(workdir, QC_MD), "w", encoding="utf-8") as f:
-        f.write(qc_report(series, results, config))
+        f.write(qc_report(series, results, config, thresholds, qc_info))
     _write_csv(os.path.join(workdir, OVERRIDES_CSV), OVERRIDE_COLUMNS,
                suggested_overrides(series, results, config))
     if int(config.neighbours) > 0:
@@ -639,6 +953,8 @@ def run(config, workdir: str) -> int:
                "series_run_this_time": made_this_run,
                "status": dict(sorted(statuses.items())),
                "qc_flagged": sum(bool(r.get("qc")) for r in rows),
+               "qc_calibrated": bool(qc_info.get("calibrated")),
+               "qc_thresholds": {h: round(float(t), 6) for h, t in thresholds.items()},
                "checkpoint": {"step": int(p.step), "model_name": p.config.model_name},
                "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:

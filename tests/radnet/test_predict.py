@@ -48,6 +48,7 @@ def _predict(world, out, **overrides):
     config.checkpoint = world["run"]
     config.dicom_root = str(world["dicom"])
     config.salt_file = str(world["salt"])
+    config.qc_calibration_dataset = ""   # the fixed rule, but in the QC tests (less compiling)
     for k, v in overrides.items():
         config[k] = v
     assert archive.run(config, str(out)) == 0
@@ -255,28 +256,95 @@ def test_builder_rejections_get_their_reason(world, tmp_path):
         assert r["status"] == "spacing_too_large" and r["sequence"] == "" and r["qc"] == ""
 
 
-def test_qc_flags_a_corrupted_header(world, tmp_path):
-    """The QC mechanism on the tiny model: qc lists exactly the heads whose header label
-    differs from a prediction of probability ≥ the threshold; corrupting one series'
-    contrast header changes its flag (at threshold 0.5, where every two-class answer is
-    confident) and no other series'."""
-    rows = world["rows"]
+def _qc_view(out, rows):
+    """Per predicted row: (its header labels, disbelief scores) from OUT's full outputs."""
+    parts = archive._load_parts(os.path.join(out, archive.WORK_DIR))
+    view = {}
     for r in rows:
+        if r["status"] == archive.PREDICTED:
+            header = archive.header_labels(
+                {**{h: r[f"header_{h}"] for h in (*labels.CLASS_HEADS, "coverage")},
+                 "effective_spacing_mm": r["header_effective_spacing_mm"]})
+            view[r["series_key"]] = (header, archive.qc_scores(parts[r["series_key"]], header))
+    return view
+
+
+def test_qc_rule_on_the_full_outputs(world):
+    """qc lists exactly the heads whose disbelief (1 − p(header label); coverage: worst
+    region; spacing: relative error beyond the absolute tolerance) is above the threshold."""
+    config = predict_config.get_config("tiny")
+    thresholds = archive.fixed_thresholds(config)
+    view = _qc_view(world["out"], world["rows"])
+    assert view
+    for r in world["rows"]:
         if r["status"] != archive.PREDICTED:
+            assert r["qc"] == ""
             continue
-        expected = [h for h in labels.CLASS_HEADS
-                    if r[f"header_{h}"] and r[h] != r[f"header_{h}"]
-                    and float(r[f"{h}_probability"]) >= 0.95]
-        assert [h for h in r["qc"].split(";") if h in labels.CLASS_HEADS] == expected
-    # Corrupt one series' contrast header (agent added, or removed): the series whose
-    # contrast label came from the agent tag or the default, preferring one where header
-    # and model agree, so that the corruption makes the flag appear.
+        header, scores = view[r["series_key"]]
+        for head in labels.CLASS_HEADS:   # the score is 1 − the header label's probability
+            if r[f"header_{head}"]:
+                p_header, p_top = 1.0 - scores[head], float(r[f"{head}_probability"])
+                if r[head] == r[f"header_{head}"]:
+                    assert p_header == pytest.approx(p_top, abs=2e-6)
+                else:
+                    assert p_header <= p_top + 2e-6
+        expected = [h for h in archive.QC_HEADS if h in scores and scores[h] > thresholds[h]
+                    + archive.QC_EPS and (h != "slice_spacing" or scores[h] *
+                                          header["slice_spacing"] > config.qc_spacing_abs_mm)]
+        assert r["qc"] == ";".join(expected)
+
+
+def test_calibrate_thresholds_on_trusted_series():
+    """Equal shares per head; at most the target rate of the trusted series flagged; never
+    below the floor; a reliable head keeps a low threshold while a weak head's rises."""
+    rng = np.random.default_rng(0)
+    config = predict_config.get_config("tiny")
+    config.qc_target_flag_rate, config.qc_min_disbelief = 0.05, 0.5
+    n = 200
+    scores, headers = [], []
+    for i in range(n):
+        s = {"sequence": float(rng.uniform(0, 0.2)),          # reliable: always ≤ 0.2
+             "view": float(rng.uniform(0, 0.6)),              # some disbelief > 0.5
+             "contrast": float(rng.uniform(0, 1.0)),          # weak: errs everywhere
+             "slice_spacing": float(rng.uniform(0, 0.3))}
+        scores.append(s)
+        headers.append({"slice_spacing": 5.0, "coverage": None})
+    cal = archive.calibrate_thresholds(scores, headers, config)
+    t = cal["thresholds"]
+    assert cal["series"] == n and cal["flagged"] <= 0.05 * n and cal["flag_rate"] <= 0.05
+    assert t["sequence"] == 0.5 and t["slice_spacing"] == config.qc_spacing_rel  # floors
+    assert t["contrast"] > 0.9                  # the weak head's errors stay unflagged
+    contrast = np.array([s["contrast"] for s in scores])
+    assert (contrast > t["contrast"] + archive.QC_EPS).sum() == cal["per_head"]["contrast"]["flagged"] > 0
+    # A little more room for the budget would overflow it: q is the largest admissible share.
+    looser = dict(t, contrast=float(np.sort(contrast)[-cal["per_head"]["contrast"]["flagged"] - 2]))
+    assert sum(bool(archive.qc_flags_from(s, h, looser, config))
+               for s, h in zip(scores, headers)) > cal["flagged"]
+    # A series the image disbelieves beyond every trusted one, on a reliable head, is flagged.
+    lie = {"sequence": 0.9, "view": 0.1, "contrast": 0.1, "slice_spacing": 0.0}
+    assert list(archive.qc_flags_from(lie, headers[0], t, config)) == ["sequence"]
+    assert "warning" not in cal
+    small = archive.calibrate_thresholds(scores[:40], headers[:40], config)   # 40 × 5 % < 4
+    assert small["warning"].startswith("only 40 trusted series")
+    config.qc_target_flag_rate = 0.0
+    assert archive.calibrate_thresholds(scores, headers, config)["flagged"] == 0
+
+
+def test_qc_calibrated_flags_a_corrupted_header(world, tmp_path):
+    """The whole mechanism on the tiny model: thresholds calibrated on the dataset's
+    trusted labels (qc_calibration.json) carry over to the archive — none of the same
+    series is flagged at target 0 — and the one series whose contrast header is corrupted
+    is flagged exactly when the image disbelieves its new label beyond the threshold."""
+    rows = world["rows"]
+    view = _qc_view(world["out"], rows)
+    # Corrupt one contrast header (agent added, or removed), on the series whose flipped
+    # label the (untrained) model disbelieves most.
     provenance = {r["series_key"]: r["provenance"] for r in _csv(world["index"] / "series.csv")}
     candidates = [r for r in rows if r["status"] == archive.PREDICTED and (
         "contrast=no_contrast<-default" in provenance[r["series_key"]]
         or "contrast=contrast<-ContrastBolusAgent" in provenance[r["series_key"]])]
-    target = sorted(candidates, key=lambda r: (r["contrast"] != r["header_contrast"],
-                                               r["series_key"]))[0]
+    target = min(candidates, key=lambda r: (view[r["series_key"]][1]["contrast"],
+                                            r["series_key"]))
     dicom = tmp_path / "dicom"
     shutil.copytree(world["dicom"], dicom)
     for f in _csv(world["index"] / "files.csv"):
@@ -288,17 +356,42 @@ def test_qc_flags_a_corrupted_header(world, tmp_path):
                 del ds.ContrastBolusAgent
             ds.save_as(dicom / f["path"])
     out = tmp_path / "out"
-    after = _predict(dict(world, dicom=dicom), out, qc_threshold=0.5)
+    after = _predict(dict(world, dicom=dicom), out, qc_calibration_dataset=world["dataset"],
+                     qc_calibration_split="train,val,test", qc_target_flag_rate=0.0)
+    cal = json.load(open(out / archive.QC_CALIBRATION_JSON))
+    in_dataset = {r["series_key"] for r in _csv(os.path.join(world["dataset"], "manifest.csv"))
+                  if r["status"] == "included"}
+    assert cal["calibrated"] and cal["series"] == len(in_dataset) and cal["flagged"] == 0
+    thresholds = cal["thresholds"]
     hit = next(r for r in after if r["series_key"] == target["series_key"])
     assert hit["header_contrast"] != target["header_contrast"]   # the header now lies
     assert hit["contrast"] == target["contrast"]                 # the image did not change
+    disbelief = _qc_view(out, [hit])[hit["series_key"]][1]["contrast"]
+    assert disbelief == pytest.approx(1.0 - view[target["series_key"]][1]["contrast"], abs=1e-5)
     flagged = "contrast" in hit["qc"].split(";")
-    assert flagged == (hit["contrast"] != hit["header_contrast"])  # (0.5: always confident)
+    assert flagged == (disbelief > thresholds["contrast"] + archive.QC_EPS)
+    assert flagged, "the corrupted header should stand out against the trusted series"
     section = open(out / archive.QC_MD).read().partition("## contrast:")[2].partition("##")[0]
-    assert (target["series_key"] in section) == flagged
-    for r, before in zip(after, rows):   # the other series keep their labels
+    assert target["series_key"] in section
+    assert f"calibrated on {len(in_dataset)} series" in open(out / archive.QC_MD).read()
+    for r, before in zip(after, rows):   # the other series keep their labels and no flag
         if r["series_key"] != target["series_key"]:
             assert r["header_contrast"] == before["header_contrast"]
+            if r["series_key"] in in_dataset:
+                assert r["qc"] == ""
+    # The calibration travels: given to another run, its thresholds are used as they are;
+    # a calibration of another step is refused.
+    p = pretrained.load(world["run"])
+    config = predict_config.get_config("tiny")
+    config.qc_calibration = str(out / archive.QC_CALIBRATION_JSON)
+    os.makedirs(tmp_path / "other")
+    got, info = archive.qc_thresholds(p, config, str(tmp_path / "other"))
+    assert got == thresholds and info["calibrated"]
+    other = dict(cal, key=dict(cal["key"], step=cal["key"]["step"] + 1))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    config.qc_calibration = str(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="another checkpoint or step"):
+        archive.qc_thresholds(p, config, str(tmp_path / "other"))
 
 
 def test_suggested_overrides_feed_the_index(world, tmp_path):
