@@ -504,7 +504,8 @@ def calibration_scores(p, config, dataset: str, splits: Sequence[str]
         if not len(source_lib.split_rows(dataset, split)[0]):
             continue
         outputs, targets = evaluate.predict(p.config, p.variables, dataset, split,
-                                            int(config.batch_size))
+                                            int(config.batch_size),
+                                            progress=bool(config.progress))
         for i in range(len(targets["index"])):
             result = {h: heads_lib.softmax(outputs[h][i:i + 1])[0] for h in labels.CLASS_HEADS}
             result["coverage"] = heads_lib.sigmoid(outputs["coverage"][i])

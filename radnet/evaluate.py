@@ -484,7 +484,7 @@ def write_report(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.nda
 
 
 def predict(model_config, variables, dataset: str, split: str, batch_size: int,
-            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+            progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Streams ``split`` through the model; returns (outputs, targets) of every real row.
 
     ``batch_size`` is global (all processes together), as in training; each process's
@@ -528,7 +528,7 @@ def predict(model_config, variables, dataset: str, split: str, batch_size: int,
     total = pipeline.num_eval_batches(len(source_lib.split_rows(dataset, split)[0]),
                                       local_batch, jax.process_count())
     batches = tqdm(batches, desc=f"evaluate {split}", unit="batch", total=total,
-                   disable=jax.process_index() != 0)
+                   disable=not progress or jax.process_index() != 0)
     for outputs, targets, _ in predict_lib.predict(step, variables, batches, data_sharding,
                                                    device_keys=("volume",), gather_keys=keys):
         acc.add(outputs, targets)
