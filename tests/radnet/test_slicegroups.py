@@ -80,6 +80,33 @@ def test_heads_condition_on_the_sector():
             np.testing.assert_allclose(b[1], want, rtol=1e-5, atol=1e-6)
 
 
+def test_fresh_head_starts_at_uniform_probabilities():
+    """The head is drawn with Flax's initialisers and a zero output layer (He over fan-out,
+    the encoder's init, gave a 3-logit layer of std 0.8: logits ±10 and loss 8.9 at step 0);
+    the encoder keeps radnet's init."""
+    from radnet.train.segment import init_variables
+    for head in ("embedding", "per_sector"):
+        model = SliceGroupNet(depth=10, width=4, head=head, sector_num=5, sector_dim=4,
+                              hidden=64)
+        v = task.init_model_variables(model, (1, 16, 32, 32, 1), 0)
+        ref = init_variables(model, (1, 16, 32, 32, 1), 0)
+        for a, b in zip(jax.tree.leaves(v["params"]["encoder"]),
+                        jax.tree.leaves(ref["params"]["encoder"])):
+            np.testing.assert_array_equal(a, b)
+        hidden = np.asarray(v["params"]["head"]["hidden"]["kernel"])
+        assert np.std(hidden) == pytest.approx(hidden.shape[0] ** -0.5, rel=0.2)
+        # The head on any embedding: equal logits; one gradient step reaches the zero layer.
+        h = SectorHead(head=head, sector_num=5, sector_dim=4, hidden=64)
+        width = hidden.shape[0] - (4 if head == "embedding" else 0)   # less the sector part
+        emb = jax.random.normal(jax.random.key(2), (3, width))
+        sectors = jnp.array([0, 2, 4])
+        head_params = {"params": v["params"]["head"]}
+        np.testing.assert_array_equal(np.asarray(h.apply(head_params, emb, sectors)), 0.0)
+        grads = jax.grad(lambda p: jnp.mean(h.apply({"params": p}, emb, sectors)[:, 1]))(
+            head_params["params"])
+        assert np.abs(np.asarray(grads["logits"]["kernel"])).max() > 0
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sg")
