@@ -222,3 +222,27 @@ def test_validation_bias_fixes_a_shifted_prior():
     assert bias[0] - bias[1:].mean() > 1.0
     assert np.mean(fixed.argmax(1) == labels) > np.mean(probs.argmax(1) == labels) + 0.2
     np.testing.assert_allclose(fixed.sum(1), 1, rtol=1e-5)
+
+
+def test_study_intervals_of_margin_and_top_k():
+    """Bootstrap over studies: a perfect ranker's margin over the majority class is positive
+    with its interval around it and its top-3 recall is 1 in every resample; a model that
+    always says non-nodule has margin 0 and top-3 recall 0 in every resample."""
+    groups, perfect = [], []
+    for s in range(12):
+        for i in range(10):
+            label = (sg.BENIGN if i == 8 else sg.MALIGNANT if i == 9 else sg.NON_NODULE) \
+                if s < 8 else sg.NON_NODULE
+            groups.append(sg.Group(f"k{s}", "test", i, 16 * i, 0, label, ""))
+            perfect.append(np.eye(3)[label])
+    perfect = np.array(perfect)
+    out = task.study_intervals(groups, perfect, 3, num_samples=300)
+    point = 1 - 104 / 120
+    assert out["margin_ci"][0] < point < out["margin_ci"][1] and out["margin_ci"][0] > 0
+    assert out["top3_study_recall_ci"] == [1.0, 1.0]
+    s = task.summarize(groups, perfect, 3)
+    assert s["margin"] == pytest.approx(point)
+    assert s["margin_ci"] == task.study_intervals(groups, perfect, 3)["margin_ci"]
+    always_non = np.tile([0.9, 0.05, 0.05], (len(groups), 1))
+    out = task.study_intervals(groups, always_non, 3, num_samples=300)
+    assert out["margin_ci"] == [0.0, 0.0] and out["top3_study_recall_ci"] == [0.0, 0.0]
