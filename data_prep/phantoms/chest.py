@@ -11,9 +11,12 @@ reading XML side by side in the series folder)::
 
 Each study: a 128 × 128 axial CT (pixel 2.3–2.8 mm, slice spacing 1.25 / 2 / 2.5 mm, 200–260 mm
 of chest): body, fat, two lungs (−850 HU), heart, spine, and lung vessels that run along z
-(in one slice they look like nodules; in a slab they are tubes). 0–3 nodules of 4–30 mm
-in the lungs: **smooth** (an ellipsoid) → benign, **lobulated** (overlapping spheres) or
-**spiculated** (a core with spikes) → malignant. Some studies have a 2.5 mm nodule.
+(in one slice they look like nodules; in a slab they are tubes). 0–3 nodules of 5–30 mm
+in the lungs: **smooth** (an ellipsoid) → benign, **lobulated** (overlapping spheres on a
+core of 3/4 of the diameter) or **spiculated** (a core of 4/5 of the diameter with spikes)
+→ malignant; 20–60 HU in −850 HU lung. Some studies have a 2.5 mm nodule. Nodules and
+vessels are rendered with partial volume (each voxel the share of 3 × 3 × 3 sub-samples
+inside), so a nodule smaller than a voxel is a faint blob, not a full pixel or nothing.
 
 Readers (four reading sessions per XML): each outlines every nodule slice by slice (its
 own outline: one reader draws one pixel wider, one a pixel tighter where it can), except
@@ -59,24 +62,29 @@ class Shape:
         r = diameter_mm / 2
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []     # (centre, semi-axes)
         self.spikes: list[tuple[np.ndarray, float, float]] = []  # (unit direction, length, radius)
+        # ``diameter_mm`` is the nodule's solid extent, as a reader's outline measures it
+        # (LIDC's diameter); lobes and spikes sit on a core of most of it. (A core of half
+        # the diameter made a "10 mm" spiculated nodule 4 pixels on 2 slices at 2.6 mm
+        # pixels: malignant labels on dots no reader would have outlined at that size.)
         if kind in ("smooth", "small"):
             self.parts.append((self.centre, r * rng.uniform(0.88, 1.12, 3)))
         elif kind == "lobulated":
-            self.parts.append((self.centre, np.full(3, 0.62 * r)))
+            self.parts.append((self.centre, np.full(3, 0.75 * r)))
             for _ in range(int(rng.integers(4, 7))):
                 u = rng.normal(size=3)
                 u /= np.linalg.norm(u)
                 self.parts.append((self.centre + u * 0.45 * r, np.full(3, rng.uniform(0.42, 0.55) * r)))
         else:  # spiculated
-            self.parts.append((self.centre, np.full(3, 0.55 * r)))
+            self.parts.append((self.centre, np.full(3, 0.8 * r)))
             for _ in range(int(rng.integers(6, 11))):
                 u = rng.normal(size=3)
                 u[2] *= 0.6
                 u /= np.linalg.norm(u)
-                self.spikes.append((u, r * rng.uniform(0.9, 1.3), max(0.9, 0.09 * diameter_mm)))
+                self.spikes.append((u, r * (0.3 + rng.uniform(0.9, 1.3)),
+                                    max(0.9, 0.12 * diameter_mm)))
 
     def reach_mm(self) -> float:
-        return self.d * 0.75
+        return self.d * 0.85
 
     def inside(self, x, y, z) -> np.ndarray:
         out = np.zeros(np.broadcast(x, y, z).shape, bool)
@@ -210,6 +218,33 @@ def _in_lung(plan, x, y, z, margin: float = 0.0):
     return inside
 
 
+PARTIAL_VOLUME_SUBSAMPLES = 3     # per pixel side and per slice thickness
+
+
+def _blend(plan, s, centre, half_mm: float, hu: float, where, inside, thickness: float):
+    """Partial volume: within a box of ±half_mm around ``centre`` (x, y mm; z the slice's
+    centre), each pixel of slice ``s`` becomes (1 − f)·itself + f·hu, f = the share of its
+    sub-samples (3 × 3 in plane, 3 across ``thickness``) that ``inside`` holds — as a CT
+    averages over a voxel. Without it a 5 mm nodule at 2.6 mm pixels came out as 1–3 full
+    pixels or none, by where the pixel centres fell; ``where`` (a mask) limits the blend."""
+    n, pix, xy = PARTIAL_VOLUME_SUBSAMPLES, plan["pix"], plan["xy"]
+    lo = [int(np.clip(np.floor((c - half_mm - xy[0]) / pix), 0, SIZE)) for c in centre[:2]]
+    hi = [int(np.clip(np.ceil((c + half_mm - xy[0]) / pix) + 1, 0, SIZE)) for c in centre[:2]]
+    if lo[0] >= hi[0] or lo[1] >= hi[1]:
+        return
+    offsets = (np.arange(n) + 0.5) / n - 0.5
+    sx = (xy[lo[0]:hi[0], None] + offsets[None] * pix).reshape(-1)
+    sy = (xy[lo[1]:hi[1], None] + offsets[None] * pix).reshape(-1)
+    zs = centre[2] + offsets * thickness if thickness > 0 else np.array([centre[2]])
+    Xs, Ys = np.meshgrid(sx, sy, indexing="xy")                  # [row sub, col sub]
+    f = np.mean([inside(Xs, Ys, z) for z in zs], axis=0)
+    f = f.reshape(hi[1] - lo[1], n, hi[0] - lo[0], n).mean(axis=(1, 3)).astype(np.float32)
+    if where is not None:
+        f = f * where[lo[1]:hi[1], lo[0]:hi[0]]
+    box = s[lo[1]:hi[1], lo[0]:hi[0]]
+    box += f * (hu - box)
+
+
 def render(plan) -> np.ndarray:
     """HU volume [n_slices, rows, cols] (slices ascending in z) of a planned study."""
     rng = np.random.default_rng(plan["seed"])
@@ -233,11 +268,14 @@ def render(plan) -> np.ndarray:
         lung_now = _in_lung(plan, X, Y, zz)
         for vx, vy, gx, gy, rad in plan["vessels"]:
             cx, cy = vx + gx * (zz - zc), vy + gy * (zz - zc)
-            s[lung_now & ((X - cx) ** 2 + (Y - cy) ** 2 <= rad ** 2)] = 30.0
+            _blend(plan, s, (cx, cy, zz), rad + plan["pix"], 30.0, lung_now,
+                   lambda x, y, z, cx=cx, cy=cy, rad=rad: (x - cx) ** 2 + (y - cy) ** 2 <= rad ** 2,
+                   thickness=0.0)
         for nod in plan["nodules"]:
             sh = nod["shape"]
-            if abs(zz - sh.centre[2]) <= sh.reach_mm():
-                s[sh.inside(X, Y, zz)] = nod["hu"]
+            if abs(zz - sh.centre[2]) <= sh.reach_mm() + plan["dz"] / 2:
+                _blend(plan, s, (sh.centre[0], sh.centre[1], zz), sh.reach_mm() + plan["pix"],
+                       nod["hu"], None, sh.inside, thickness=plan["dz"])
         vol[i] = s
     vol += rng.normal(0, plan["noise_hu"], vol.shape).astype(np.float32)
     return vol

@@ -34,9 +34,11 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import flax.linen as nn
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
 from radnet.data import augment
 from radnet.data import slicegroups as sg
@@ -73,6 +75,33 @@ def resolve_config(config) -> ml_collections.ConfigDict:
                                f"stored in-plane size {stored}")
     config.input.volume_shape = (int(config.groups.group_slices), in_plane, in_plane)
     return config
+
+
+def init_model_variables(model, input_shape, seed: int) -> dict:
+    """Fresh variables of a SliceGroupNet: the encoder as every radnet task draws it
+    (radnet.train.segment.init_variables: He-normal over fan-out, fast in NumPy); the head
+    with Flax's own initialisers — LeCun-normal hidden kernels, the sector embedding as
+    ``nn.Embed`` draws it, and a zero output layer, so training starts at uniform
+    probabilities (loss ln 3). Why not init_variables for the head: fan-out of a Dense
+    [in, out] kernel is ``out``, so the 3-logit layer came out with std √(2/3) ≈ 0.8, 9×
+    LeCun's: measured logits of ±10 and loss 8.9 at step 0, gradient norm 160 at step 10,
+    and a training loss above ln 3 for the first ~60 steps."""
+    variables = init_variables(model, input_shape, seed)
+    flat = traverse_util.flatten_dict(variables["params"])
+    key = jax.random.key(seed)
+    for path, leaf in sorted(flat.items()):
+        if path[0] != "head":
+            continue
+        key, sub = jax.random.split(key)
+        if path[-1] == "kernel":
+            init = (nn.initializers.zeros if path[-2] == "logits"
+                    else nn.initializers.lecun_normal())
+        elif path[-1] == "embedding":
+            init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        else:
+            continue
+        flat[path] = np.asarray(init(sub, leaf.shape, leaf.dtype))
+    return {**variables, "params": traverse_util.unflatten_dict(flat)}
 
 
 def load_variables(workdir: str, step: int, model, input_shape, sharding) -> dict:
@@ -215,6 +244,38 @@ def calibrated_summary(val_groups, val_probs, test_groups, test_probs, top_k: in
     return bias, summarize(test_groups, apply_bias(test_probs, bias), top_k)
 
 
+def study_intervals(groups, probs: np.ndarray, top_k: int, num_samples: int = 1000,
+                    seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile-bootstrap intervals over STUDIES (the groups of one study are not
+    independent; radnet.evaluators.heads' resampling by row weights): of the accuracy's
+    margin over the majority-class baseline (both on the same resampled groups) and of
+    the top-k study recall."""
+    labels = np.array([g.label for g in groups], np.int64)
+    keys = np.array([g.series_key for g in groups])
+    known = labels != sg.UNKNOWN
+    if not known.any():
+        return {"margin_ci": None, f"top{top_k}_study_recall_ci": None}
+    majority = np.bincount(labels[known], minlength=len(sg.CLASSES)).argmax()
+    w = head_metrics.bootstrap_weights(keys[known], num_samples, seed)
+    margin = (head_metrics.weighted_accuracy(probs[known].argmax(-1) == labels[known], w)
+              - head_metrics.weighted_accuracy(labels[known] == majority, w))
+    tail = 50.0 * (1.0 - level)
+    out = {"margin_ci": np.percentile(margin, [tail, 100 - tail]).tolist()}
+    hits = []
+    for key in dict.fromkeys(keys):
+        idx = np.flatnonzero(keys == key)
+        if any(labels[i] in (sg.BENIGN, sg.MALIGNANT) for i in idx):
+            top = idx[np.argsort(-(1.0 - probs[idx, sg.NON_NODULE]), kind="stable")[:top_k]]
+            hits.append(any(labels[i] in (sg.BENIGN, sg.MALIGNANT) for i in top))
+    ci = None
+    if hits:
+        ws = head_metrics.bootstrap_weights(np.arange(len(hits)), num_samples, seed)
+        recall = head_metrics.weighted_accuracy(np.array(hits), ws)
+        ci = np.percentile(recall[np.isfinite(recall)], [tail, 100 - tail]).tolist()
+    out[f"top{top_k}_study_recall_ci"] = ci
+    return out
+
+
 def summarize(groups, probs: np.ndarray, top_k: int) -> dict:
     labels = np.array([g.label for g in groups], np.int64)
     m = head_metrics.classification_metrics(probs, labels, sg.CLASSES)
@@ -222,10 +283,13 @@ def summarize(groups, probs: np.ndarray, top_k: int) -> dict:
     counts = np.bincount(known, minlength=len(sg.CLASSES))
     recall, n_studies = top_k_recall(groups, probs, top_k)
     return {
+        **study_intervals(groups, probs, top_k),
         "groups": int(m["samples"]), "unknown": int(m["unknown"]),
         "class_counts": dict(zip(sg.CLASSES, counts.tolist())),
         "accuracy": m["accuracy"],
         "majority_accuracy": float(counts.max() / max(counts.sum(), 1)),
+        "margin": m["accuracy"] - float(counts.max() / max(counts.sum(), 1))
+        if m["accuracy"] is not None else None,
         "classes": {c: {k: m["classes"][c][k] for k in ("recall", "precision", "auc")}
                     for c in sg.CLASSES},
         "confusion": m["confusion"],
@@ -327,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            out_shardings=(placement.batch_sharding, placement.replicated))
 
     def initial_variables() -> dict:
-        variables = init_variables(model, input_shape, config.seed)
+        variables = init_model_variables(model, input_shape, config.seed)
         return transfer.with_pretrained_encoder(variables, config)
 
     def validate(state, step: int) -> dict[str, float]:
@@ -388,14 +452,25 @@ def _cell(x, pct=True) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3f}"
 
 
+def _signed(x) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}"
+
+
+def _ci(ci, signed: bool = False) -> str:
+    if not ci:
+        return ""
+    f = _signed if signed else _cell
+    return f" [{f(ci[0])},{f(ci[1])}]"
+
+
 def format_table(results: list[dict], split: str = "test", top_k: int = 3) -> str:
     """The report's study as one table: sectors × in-plane size × pretrained/scratch."""
     rows = sorted(results, key=lambda r: (r["sector_num"], -r["in_plane"],
                                           r["freeze"] == "scratch", r["freeze"]))
     head = (f"{'sectors':>7} {'in-plane':>8} {'encoder':>10} {'acc%':>6} {'cal%':>6} "
-            f"{'major%':>6} "
+            f"{'major%':>6} {'margin [95% CI]':>19} "
             + " ".join(f"{c[:6] + ' R/P/AUC':>19}" for c in sg.CLASSES)
-            + f" {'top' + str(top_k) + '%':>6} {'n':>4}")
+            + f" {'top' + str(top_k) + '% [95% CI]':>21} {'n':>4}")
     lines = [head]
     for r in rows:
         s = r.get(split)
@@ -405,15 +480,18 @@ def format_table(results: list[dict], split: str = "test", top_k: int = 3) -> st
         cells = [f"{_cell(s['classes'][c]['recall'])}/{_cell(s['classes'][c]['precision'])}/"
                  f"{_cell(s['classes'][c]['auc'], False)}" for c in sg.CLASSES]
         cal = (r.get(f"{split}_calibrated") or {}).get("accuracy")
+        margin = _signed(s.get("margin")) + _ci(s.get("margin_ci"), signed=True)
+        top = _cell(s.get(f"top{top_k}_study_recall")) + _ci(s.get(f"top{top_k}_study_recall_ci"))
         lines.append(f"{r['sector_num']:>7} {r['in_plane']:>8} {enc:>10} "
                      f"{_cell(s['accuracy']):>6} {_cell(cal):>6} "
-                     f"{_cell(s['majority_accuracy']):>6} "
+                     f"{_cell(s['majority_accuracy']):>6} {margin:>19} "
                      + " ".join(f"{c:>19}" for c in cells)
-                     + f" {_cell(s.get(f'top{top_k}_study_recall')):>6} {s['groups']:>4}")
+                     + f" {top:>21} {s['groups']:>4}")
     lines.append(f"({split} groups; acc = per-group accuracy (prior-corrected argmax), cal = "
                  f"the same after class offsets fitted on the validation groups, major = "
-                 f"majority-class baseline, R/P/AUC per class (one vs rest), top{top_k} = studies with a "
-                 f"nodule group that have one among their {top_k} highest-ranked groups)")
+                 f"majority-class baseline, margin = acc − major, R/P/AUC per class (one vs rest), "
+                 f"top{top_k} = studies with a nodule group that have one among their {top_k} "
+                 f"highest-ranked groups; intervals: percentile bootstrap over studies)")
     return "\n".join(lines)
 
 
@@ -442,6 +520,12 @@ def collect_results(root: str, top_k: int = 3) -> list[dict]:
         with open(path) as f:
             r = json.load(f)
         preds = os.path.join(root, name, "predictions.csv")
+        if os.path.exists(preds) and ("test_calibrated" not in r or "margin_ci" not in
+                                      r.get("test", {"margin_ci": 0})):
+            split = groups_from_predictions(os.path.join(root, name))
+            if "test" in split and "test" in r:
+                r["test"].update(study_intervals(*split["test"], top_k))
+                r["test"]["margin"] = r["test"]["accuracy"] - r["test"]["majority_accuracy"]
         if "test_calibrated" not in r and os.path.exists(preds):
             split = groups_from_predictions(os.path.join(root, name))
             if "val" in split and "test" in split:

@@ -80,6 +80,33 @@ def test_heads_condition_on_the_sector():
             np.testing.assert_allclose(b[1], want, rtol=1e-5, atol=1e-6)
 
 
+def test_fresh_head_starts_at_uniform_probabilities():
+    """The head is drawn with Flax's initialisers and a zero output layer (He over fan-out,
+    the encoder's init, gave a 3-logit layer of std 0.8: logits ±10 and loss 8.9 at step 0);
+    the encoder keeps radnet's init."""
+    from radnet.train.segment import init_variables
+    for head in ("embedding", "per_sector"):
+        model = SliceGroupNet(depth=10, width=4, head=head, sector_num=5, sector_dim=4,
+                              hidden=64)
+        v = task.init_model_variables(model, (1, 16, 32, 32, 1), 0)
+        ref = init_variables(model, (1, 16, 32, 32, 1), 0)
+        for a, b in zip(jax.tree.leaves(v["params"]["encoder"]),
+                        jax.tree.leaves(ref["params"]["encoder"])):
+            np.testing.assert_array_equal(a, b)
+        hidden = np.asarray(v["params"]["head"]["hidden"]["kernel"])
+        assert np.std(hidden) == pytest.approx(hidden.shape[0] ** -0.5, rel=0.2)
+        # The head on any embedding: equal logits; one gradient step reaches the zero layer.
+        h = SectorHead(head=head, sector_num=5, sector_dim=4, hidden=64)
+        width = hidden.shape[0] - (4 if head == "embedding" else 0)   # less the sector part
+        emb = jax.random.normal(jax.random.key(2), (3, width))
+        sectors = jnp.array([0, 2, 4])
+        head_params = {"params": v["params"]["head"]}
+        np.testing.assert_array_equal(np.asarray(h.apply(head_params, emb, sectors)), 0.0)
+        grads = jax.grad(lambda p: jnp.mean(h.apply({"params": p}, emb, sectors)[:, 1]))(
+            head_params["params"])
+        assert np.abs(np.asarray(grads["logits"]["kernel"])).max() > 0
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sg")
@@ -195,3 +222,27 @@ def test_validation_bias_fixes_a_shifted_prior():
     assert bias[0] - bias[1:].mean() > 1.0
     assert np.mean(fixed.argmax(1) == labels) > np.mean(probs.argmax(1) == labels) + 0.2
     np.testing.assert_allclose(fixed.sum(1), 1, rtol=1e-5)
+
+
+def test_study_intervals_of_margin_and_top_k():
+    """Bootstrap over studies: a perfect ranker's margin over the majority class is positive
+    with its interval around it and its top-3 recall is 1 in every resample; a model that
+    always says non-nodule has margin 0 and top-3 recall 0 in every resample."""
+    groups, perfect = [], []
+    for s in range(12):
+        for i in range(10):
+            label = (sg.BENIGN if i == 8 else sg.MALIGNANT if i == 9 else sg.NON_NODULE) \
+                if s < 8 else sg.NON_NODULE
+            groups.append(sg.Group(f"k{s}", "test", i, 16 * i, 0, label, ""))
+            perfect.append(np.eye(3)[label])
+    perfect = np.array(perfect)
+    out = task.study_intervals(groups, perfect, 3, num_samples=300)
+    point = 1 - 104 / 120
+    assert out["margin_ci"][0] < point < out["margin_ci"][1] and out["margin_ci"][0] > 0
+    assert out["top3_study_recall_ci"] == [1.0, 1.0]
+    s = task.summarize(groups, perfect, 3)
+    assert s["margin"] == pytest.approx(point)
+    assert s["margin_ci"] == task.study_intervals(groups, perfect, 3)["margin_ci"]
+    always_non = np.tile([0.9, 0.05, 0.05], (len(groups), 1))
+    out = task.study_intervals(groups, always_non, 3, num_samples=300)
+    assert out["margin_ci"] == [0.0, 0.0] and out["top3_study_recall_ci"] == [0.0, 0.0]
