@@ -551,10 +551,7 @@ def qc_thresholds(p, config, workdir: str) -> tuple[dict[str, float], dict]:
     key = _calibration_key(p, config)
     path = os.path.join(workdir, QC_CALIBRATION_JSON)
     given = str(config.qc_calibration or "")
-    if given:
-        if not os.path.isfile(given):
-            raise FileNotFoundError(f"--config.qc_calibration {given!r} does not exist (a "
-                                    f"{QC_CALIBRATION_JSON} of an earlier predict run)")
+    if given:  # its existence is checked by _check_config, before any work
         with open(given) as f:
             info = json.load(f)
         if {k: info.get("key", {}).get(k) for k in ("checkpoint", "step")} != \
@@ -837,6 +834,10 @@ def _check_config(config) -> None:
     if not os.path.isdir(config.dicom_root):
         raise FileNotFoundError(f"--config.dicom_root {config.dicom_root!r} is not a "
                                 "directory (is the archive mounted?)")
+    given = str(config.qc_calibration or "")
+    if given and not os.path.isfile(given):
+        raise FileNotFoundError(f"--config.qc_calibration {given!r} does not exist (a "
+                                f"{QC_CALIBRATION_JSON} of an earlier predict run)")
     for name in ("qc_threshold", "suggest_threshold", "coverage_threshold"):
         if not 0.0 < float(config[name]) <= 1.0:
             raise loop.ConfigError(f"--config.{name}={config[name]} must be in (0, 1]")

@@ -30,6 +30,9 @@ MISTAKES = [
     (["-m", "radnet.main", "--config=configs/evaluate.py:tiny", "--config.checkpoint={t}/no_run",
       "--config.dataset={t}/no_dataset", "--workdir={w}"], "no_"),
     (["-m", "radnet.main", "--config=configs/pretrain.py", "--workdir={w}", "stray"], "stray"),
+    (["-m", "radnet.main", "--config=configs/predict.py", "--config.checkpoint={t}/no_run",
+      "--config.dicom_root={t}", "--config.qc_calibration={t}/no_cal.json", "--workdir={w}"],
+     "no_cal.json"),   # checked before the model loads or any file is read
     # data_prep tools
     (["-m", "data_prep.index", "--dicom_root={t}/no_archive", "--out={t}/index", "--workers=0"],
      "no_archive"),
