@@ -59,6 +59,9 @@ def resolve_config(config) -> ml_collections.ConfigDict:
     stages, the slab shape, the pretraining step."""
     config = ml_collections.ConfigDict(config.to_dict())
     pre = config.pretrained
+    if transfer.restores_encoder(config.freeze) and not pre.workdir:
+        raise loop.ConfigError("config.pretrained.workdir is empty; give the pretraining run, "
+                               "or freeze=scratch to train from scratch")
     if pre.model_fields and pre.workdir:
         pre_model = ckpt_lib.load_config(pre.workdir).get("model", {})
         for key in ENCODER_FIELDS:

@@ -447,3 +447,11 @@ def test_a_series_with_rows_and_columns_swapped_on_every_slice_is_excluded(tmp_p
     with pytest.raises(preprocess.SeriesError) as err:
         preprocess.build_volume(paths, opts((4, 16, 16)))
     assert err.value.reason == "swapped_dimensions", err.value.message
+
+
+def test_row_layout_check_passes_an_image_without_structure():
+    """Pure noise has no nearest row (ratio ≈ 1 both ways): it must pass — the check may
+    miss a swap there, never exclude a correctly stored frame."""
+    noise = np.random.default_rng(0).normal(1000, 50, (96, 64)).astype(np.int16)
+    preprocess.check_row_layout(noise, "file")
+    preprocess.check_row_layout(noise.reshape(64, 96), "file")

@@ -208,6 +208,9 @@ def test_config_variants():
     assert c.task == "slicegroups" and c.model.sector_num == 13
     with pytest.raises(ValueError, match="labels="):
         sg_config.get_config("labels=mean")
+    # A frozen or fine-tuned encoder needs its pretraining run: said before any data is read.
+    with pytest.raises(task.loop.ConfigError, match="pretrained.workdir is empty"):
+        task.resolve_config(sg_config.get_config("tiny,freeze=all,pretrained=,dataset=/nonexistent"))
 
 
 def test_validation_bias_fixes_a_shifted_prior():
