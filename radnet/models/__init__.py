@@ -5,7 +5,8 @@
     out = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
 Names: ``resnet`` (encoder alone), ``radnet`` (encoder + 3D-RADNet heads),
-``vnet`` (encoder + VNet decoder). See docs/models.md.
+``vnet`` (encoder + VNet decoder), ``detector`` (lesion detector), ``slicegroups``
+(slab classifier with a sector-aware head). See docs/models.md.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from radnet.models.detection import LesionDetector
 from radnet.models.heads import RadNet, RadNetHeads
 from radnet.models.resnet3d import DEPTHS, STAGES, VARIANTS, ResNet3D, stage_strides
+from radnet.models.slicegroups import SliceGroupNet
 from radnet.models.vnet import VNet, check_input_shape, total_stride
 
 MODELS = {
@@ -20,6 +22,7 @@ MODELS = {
     "radnet": RadNet,
     "vnet": VNet,
     "detector": LesionDetector,
+    "slicegroups": SliceGroupNet,
 }
 
 

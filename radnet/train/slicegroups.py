@@ -44,7 +44,6 @@ from radnet.data import augment
 from radnet.data import slicegroups as sg
 from radnet.evaluators import heads as head_metrics
 from radnet.evaluators import predict as predict_lib
-from radnet.models.slicegroups import SliceGroupNet
 from radnet.train import checkpoint as ckpt_lib
 from radnet.train import loop, transfer
 from radnet.train import state as state_lib
@@ -105,17 +104,6 @@ def init_model_variables(model, input_shape, seed: int) -> dict:
             continue
         flat[path] = np.asarray(init(sub, leaf.shape, leaf.dtype))
     return {**variables, "params": traverse_util.unflatten_dict(flat)}
-
-
-def load_variables(workdir: str, step: int, model, input_shape, sharding) -> dict:
-    """``{"params", "batch_stats"}`` of a checkpoint of this task. (checkpoint.load_variables
-    builds the model by name from radnet.models, where this task's model is not registered.)"""
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape),
-                                                 train=False))
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                          {c: abstract.get(c, {}) for c in ckpt_lib.VARIABLE_COLLECTIONS})
-    restored = ckpt_lib._restore_arrays(workdir, step, target)  # noqa: SLF001
-    return {c: restored.get(c, {}) for c in ckpt_lib.VARIABLE_COLLECTIONS}
 
 
 def random_flips(rng, x, prob: float):
@@ -386,8 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     weights = (prior_weights(split_groups["train"], train_groups)
                if config.eval.prior_correction else None)
-    model = SliceGroupNet(**config.model)
-    input_shape = (1, *config.input.volume_shape, 1)
+    model = state_lib.build_model(config)
+    input_shape = (1, *state_lib.input_shape(config))
     param_labels, stat_labels, optimizer = transfer.labels_and_optimizer(
         model, input_shape, frozen, state_lib.build_optimizer(config))
     predict_step = jax.jit(make_predict_step(model),
@@ -419,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config_extra={"n_train_groups": len(train_groups)}))
 
     best_step = ckpt_lib.best_step(workdir)
-    best = load_variables(workdir, best_step, model, input_shape, placement.replicated)
+    _, best, _ = ckpt_lib.load_variables(workdir, best_step, sharding=placement.replicated)
     split_probs, summaries = {}, {}
     for split in ("val", "test"):
         split_probs[split] = predict_groups(config, split_groups[split], predict_step, best,
