@@ -294,6 +294,24 @@ def test_qc_rule_on_the_full_outputs(world):
         assert r["qc"] == ";".join(expected)
 
 
+def test_qc_rule_by_hand():
+    """The rule on hand-made scores: above the threshold flags, at it does not; a spacing
+    error beyond the relative threshold is flagged only when it is also more than
+    qc_spacing_abs_mm in millimetres."""
+    config = predict_config.get_config("tiny")
+    thr = {"sequence": 0.9, "view": 0.5, "contrast": 0.95, "coverage": 0.99,
+           "slice_spacing": 0.5}
+    header = {"slice_spacing": 3.0}
+    scores = {"sequence": 0.91, "view": 0.5, "contrast": 0.2, "coverage": 0.995,
+              "slice_spacing": 0.6}        # 0.6 × 3 mm = 1.8 mm ≤ 2 mm: not flagged
+    assert sorted(archive.qc_flags_from(scores, header, thr, config)) == ["coverage",
+                                                                          "sequence"]
+    header = {"slice_spacing": 5.0}       # 0.6 × 5 mm = 3 mm > 2 mm: flagged
+    assert "slice_spacing" in archive.qc_flags_from(scores, header, thr, config)
+    del scores["sequence"]                # a head without a header label is never flagged
+    assert "sequence" not in archive.qc_flags_from(scores, header, thr, config)
+
+
 def test_calibrate_thresholds_on_trusted_series():
     """Equal shares per head; at most the target rate of the trusted series flagged; never
     below the floor; a reliable head keeps a low threshold while a weak head's rises."""
