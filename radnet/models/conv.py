@@ -73,8 +73,10 @@ def reachable_taps(size: int, kernel: int, pad_low: int) -> tuple[int, int]:
 
 
 def choose(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-           dilation: Sequence[int], allow_rewrites: bool | None = None) -> str:
-    """The formulation for a convolution over a ``spatial`` (D, H, W) map."""
+           dilation: Sequence[int], allow_rewrites: bool | None = None,
+           pads: Sequence[tuple[int, int]] | None = None) -> str:
+    """The formulation for a convolution over a ``spatial`` (D, H, W) map; ``pads``: the
+    explicit (low, high) pads when known (the rewrites need size-keeping padding)."""
     if allow_rewrites is None:
         allow_rewrites = _rewrites_allowed()
     if not allow_rewrites:
@@ -86,24 +88,21 @@ def choose(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int]
         return "pointwise"
     if strides != (1, 1, 1) or dilation != (1, 1, 1) or any(k % 2 == 0 for k in kernel):
         return "plain"
+    if pads is not None and not _keeps_size(kernel, pads):
+        return "plain"  # the rewrites assume output size = input size
     if spatial[0] * spatial[1] * spatial[2] <= IM2COL_MAX_VOXELS:
         return "im2col"
     return "depth_folded"
 
 
 def _same_pads(spatial, kernel, strides, dilation, padding):
-    """Explicit (low, high) pads per axis for ``padding`` = "SAME" or a list of pairs."""
+    """Explicit (low, high) pads per axis for ``padding`` = "SAME", "VALID" or pairs."""
     if isinstance(padding, str):
-        if padding.upper() != "SAME":
-            if padding.upper() == "VALID":
-                return [(0, 0)] * 3
+        if padding.upper() not in ("SAME", "VALID"):
             raise ValueError(f"padding {padding!r}: use 'SAME', 'VALID' or (low, high) pairs")
-        pads = []
-        for n, k, s, d in zip(spatial, kernel, strides, dilation):
-            out = -(-n // s)
-            total = max((out - 1) * s + (k - 1) * d + 1 - n, 0)
-            pads.append((total // 2, total - total // 2))
-        return pads
+        window = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        return [tuple(p) for p in jax.lax.padtype_to_pads(spatial, window, strides,
+                                                           padding.upper())]
     return [tuple(int(v) for v in p) for p in padding]
 
 
@@ -217,15 +216,14 @@ class Conv3D(nn.Module):
             raise ValueError(f"Conv3D expects [B, D, H, W, C], got shape {x.shape}")
         ksize = tuple(self.kernel_size)
         kernel, bias, dtype = _kernel_and_bias(self, x, ksize)
+        pads = _same_pads(x.shape[1:4], ksize, self.strides, self.kernel_dilation,
+                          self.padding)
         formulation = self.formulation
         if formulation == "auto":
-            formulation = choose(x.shape[1:4], ksize, self.strides, self.kernel_dilation)
-            pads = _same_pads(x.shape[1:4], ksize, self.strides, self.kernel_dilation,
-                              self.padding)
-            if formulation in ("depth_folded", "im2col") and not _keeps_size(ksize, pads):
-                formulation = "plain"  # the rewrites assume output size = input size
+            formulation = choose(x.shape[1:4], ksize, self.strides, self.kernel_dilation,
+                                 pads=pads)
         y = conv3d(x.astype(dtype), kernel.astype(dtype), self.strides, self.kernel_dilation,
-                   self.padding, formulation)
+                   pads, formulation)
         return y if bias is None else y + bias.astype(dtype)
 
 
