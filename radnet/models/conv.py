@@ -110,6 +110,24 @@ def _keeps_size(kernel, pads) -> bool:
     return all(lo + hi == k - 1 for k, (lo, hi) in zip(kernel, pads))
 
 
+def depth_folded(x: jnp.ndarray, kernel: jnp.ndarray, depth_pad: tuple[int, int],
+                 hw_strides: Sequence[int], hw_padding: Any) -> jnp.ndarray:
+    """A convolution with stride 1 along D, ``depth_pad`` zeros around D, as one 2D
+    convolution: the kd depth taps folded into the input channels (kd shifted copies,
+    ``[B·D, H, W, kd·C]``) against the kernel read as ``[kh, kw, kd·C, F]``. Output depth
+    = input depth + sum(depth_pad) − kd + 1. (Also the radnet stem's ``SliceFoldedConv``.)"""
+    kd, kh, kw, c, f = kernel.shape
+    xp = jnp.pad(x, ((0, 0), tuple(depth_pad), (0, 0), (0, 0), (0, 0)))
+    d = xp.shape[1] - kd + 1
+    b = x.shape[0]
+    folded = jnp.concatenate([xp[:, i:i + d] for i in range(kd)], axis=-1)
+    folded = folded.reshape(b * d, *x.shape[2:4], kd * c)
+    k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, f)
+    y = jax.lax.conv_general_dilated(folded, k2, tuple(hw_strides), hw_padding,
+                                     dimension_numbers=_DN2)
+    return y.reshape(b, d, *y.shape[1:])
+
+
 def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1, 1), dilation=(1, 1, 1),
            padding: Any = "SAME", formulation: str = "plain") -> jnp.ndarray:
     """``x [B, D, H, W, C]`` ⊛ ``kernel [kd, kh, kw, C, F]`` → ``[B, D', H', W', F]``,
@@ -136,12 +154,7 @@ def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1, 1), dilation=(1, 
     kd, kh, kw, c, f = kernel.shape
     b, d, h, w, _ = x.shape
     if formulation == "depth_folded":
-        xp = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)))
-        folded = jnp.concatenate([xp[:, i:i + d] for i in range(kd)], axis=-1)
-        folded = folded.reshape(b * d, h, w, kd * c)
-        k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, f)
-        y = jax.lax.conv_general_dilated(folded, k2, (1, 1), pads[1:], dimension_numbers=_DN2)
-        return y.reshape(b, d, h, w, f)
+        return depth_folded(x, kernel, pads[0], (1, 1), pads[1:])
     if formulation == "im2col":
         xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
         patches = jnp.concatenate([xp[:, i:i + d, j:j + h, l:l + w]

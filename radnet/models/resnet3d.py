@@ -46,7 +46,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from radnet.models import common, conv
@@ -166,17 +165,10 @@ class SliceFoldedConv(nn.Module):
         if sd != 1 or kd % 2 != 1:
             raise ValueError(f"depth folding needs stride 1 and an odd depth kernel, got "
                              f"kernel {tuple(self.kernel)} strides {tuple(self.strides)}")
-        b, d, h, w, c = x.shape
-        kernel = self.param("kernel", common.conv_init, (kd, kh, kw, c, self.features),
-                            jnp.float32)
-        xp = jnp.pad(x, ((0, 0), (kd // 2, kd // 2), (0, 0), (0, 0), (0, 0)))
-        folded = jnp.concatenate([xp[:, i:i + d] for i in range(kd)], axis=-1)
-        folded = folded.reshape(b * d, h, w, kd * c)
-        k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, self.features)
-        y = jax.lax.conv_general_dilated(
-            folded, k2.astype(x.dtype), (sh, sw), "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y.reshape(b, d, *y.shape[1:])
+        kernel = self.param("kernel", common.conv_init, (kd, kh, kw, x.shape[-1],
+                                                         self.features), jnp.float32)
+        return conv.depth_folded(x, kernel.astype(x.dtype), (kd // 2, kd // 2), (sh, sw),
+                                 "SAME")
 
 
 class Stem(nn.Module):
