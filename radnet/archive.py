@@ -394,21 +394,23 @@ def qc_flags_from(scores: dict[str, float], header: dict, thresholds: dict[str, 
     return flags
 
 
+def _per_head(value: float, config) -> dict[str, float]:
+    """``value`` for every class head and coverage; spacing's relative tolerance."""
+    return {**{h: float(value) for h in (*CLASS_HEADS, "coverage")},
+            "slice_spacing": float(config.qc_spacing_rel)}
+
+
 def fixed_thresholds(config) -> dict[str, float]:
     """The uncalibrated rule: p(header label) < 1 − ``qc_threshold`` (coverage: for some
     region), spacing off by more than ``qc_spacing_rel``."""
-    thr = float(config.qc_threshold)
-    return {**{h: thr for h in (*CLASS_HEADS, "coverage")},
-            "slice_spacing": float(config.qc_spacing_rel)}
+    return _per_head(config.qc_threshold, config)
 
 
 def qc_floors(config) -> dict[str, float]:
     """The least threshold calibration may choose: the model must at least disagree
     (disbelief ≥ ``qc_min_disbelief``: p(header label) ≤ 0.5 by default), and spacing be
     off by ``qc_spacing_rel``."""
-    floor = float(config.qc_min_disbelief)
-    return {**{h: floor for h in (*CLASS_HEADS, "coverage")},
-            "slice_spacing": float(config.qc_spacing_rel)}
+    return _per_head(config.qc_min_disbelief, config)
 
 
 def calibrate_thresholds(scores: Sequence[dict[str, float]], headers: Sequence[dict],
@@ -506,10 +508,12 @@ def calibration_scores(p, config, dataset: str, splits: Sequence[str]
         outputs, targets = evaluate.predict(p.config, p.variables, dataset, split,
                                             int(config.batch_size),
                                             progress=bool(config.progress))
+        probs = {h: heads_lib.softmax(outputs[h]) for h in labels.CLASS_HEADS}
+        probs["coverage"] = heads_lib.sigmoid(outputs["coverage"])
+        spacing = np.asarray(outputs["slice_spacing"], np.float64).reshape(-1)
         for i in range(len(targets["index"])):
-            result = {h: heads_lib.softmax(outputs[h][i:i + 1])[0] for h in labels.CLASS_HEADS}
-            result["coverage"] = heads_lib.sigmoid(outputs["coverage"][i])
-            result["slice_spacing"] = float(np.asarray(outputs["slice_spacing"][i]).reshape(()))
+            result = {h: v[i] for h, v in probs.items()}
+            result["slice_spacing"] = float(spacing[i])
             cov = np.asarray(targets["coverage"][i], np.float64)
             mm = float(targets[labels.SLICE_SPACING_TARGET][i])
             header = {h: int(targets[h][i]) for h in labels.CLASS_HEADS}
