@@ -3,15 +3,25 @@
 Volumes are ``[B, D, H, W, C]`` float32 in [0, 1]: D slices ascending along the
 slice normal, H image rows, W image columns (the acquisition plane is kept, see
 docs/interfaces.md). Each operation is applied to each sample independently
-with its own probability, in this order: flips, gamma, intensity scale and
-shift, Gaussian noise, then a clip back to [0, 1].
+with its own probability, in this order: flips, translation, gamma, intensity
+scale and shift, Gaussian noise, then a clip back to [0, 1].
 
 Why the labels stay true:
 
-* intensity scale/shift, gamma and noise change grey values only. Sequence and
-  contrast are judged from tissue contrast *relations* (which tissue is brighter),
-  which a monotonic mapping and small noise keep; view, coverage and the slice
-  spacing are geometry, untouched.
+* intensity scale/shift, gamma and noise change grey values only. On MR, whose
+  grey values have no physical unit, sequence and contrast are judged from tissue
+  contrast *relations* (which tissue is brighter), which a monotonic mapping and
+  small noise keep; view, coverage and the slice spacing are geometry, untouched.
+  CT is different: its numbers are calibrated (water 0 HU, air −1000 HU) and
+  contrast on CT *is* an absolute shift (enhanced blood ≈ +190 HU, a dozen of the
+  256 grey levels of a min-max volume — less than the default jitter). So when the
+  batch's ``sequence`` labels are passed, series labelled CT keep their grey values
+  (scale, shift and gamma skipped; noise kept); ``intensity_on_ct=True`` restores
+  the jitter for every series.
+* an in-plane translation (``translate``, off by default) moves the rows and
+  columns by a whole number of pixels; what leaves the field of view is dropped
+  and zeros (air / background after min-max) come in. Sequence, contrast, view,
+  spacing and the craniocaudal coverage are unchanged.
 * a flip reverses one axis. It changes neither which plane the slices lie in
   (view), nor the distance between slices (effective_spacing_mm), nor the
   craniocaudal extent of the scan (coverage), nor the acquisition (sequence,
@@ -46,6 +56,7 @@ import numpy as np
 from radnet import labels
 
 SAGITTAL = labels.VIEW.index("sagittal")
+CT = labels.SEQUENCE.index("CT")
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -64,6 +75,11 @@ def default_augment_config() -> ml_collections.ConfigDict:
         flip_left_right_prob=0.5,
         flip_rows_prob=0.0,
         flip_slices_prob=0.0,
+        # In-plane translation by U(-t, t) of the rows / columns (zeros come in).
+        translate=0.0, translate_prob=0.0,
+        # Grey-value jitter (scale, shift, gamma) on CT too. Off: CT numbers are calibrated
+        # (water 0 HU, air −1000 HU) and the contrast label on CT rests on them.
+        intensity_on_ct=False,
     ))
 
 
@@ -74,8 +90,8 @@ def to_unit_float(volume: Any, xp=jnp):
 
 def _check_config(config) -> None:
     for key in ("intensity_scale_prob", "intensity_shift_prob", "gamma_prob", "noise_prob",
-                "flip_left_right_prob", "flip_rows_prob", "flip_slices_prob"):
-        p = float(config[key])
+                "flip_left_right_prob", "flip_rows_prob", "flip_slices_prob", "translate_prob"):
+        p = float(config.get(key, 0.0))
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"augment config {key}={p} is not a probability in [0, 1]")
     for key in ("intensity_scale", "intensity_shift", "gamma", "noise_std"):
@@ -83,6 +99,9 @@ def _check_config(config) -> None:
             raise ValueError(f"augment config {key}={config[key]} must be >= 0")
     if float(config.intensity_scale) >= 1:
         raise ValueError("augment config intensity_scale must be < 1 (the scale stays positive)")
+    if not 0.0 <= float(config.get("translate", 0.0)) < 1.0:
+        raise ValueError(f"augment config translate={config.translate} must be in [0, 1) "
+                         "(a fraction of the rows / columns)")
 
 
 def _draw(uniform, batch: int, config) -> dict[str, Any]:
@@ -108,11 +127,17 @@ def _draw(uniform, batch: int, config) -> dict[str, Any]:
     out["sigma"] = chosen("noise", float(c.noise_prob)), between("noise", 0.0, float(c.noise_std))
     for name in ("flip_left_right", "flip_rows", "flip_slices"):
         out[name] = chosen(name, float(c[name + "_prob"])), None
+    t, p = float(c.get("translate", 0.0)), float(c.get("translate_prob", 0.0))
+    if t > 0 and p > 0:  # off by default: no roll in the step at all
+        moved = chosen("translate", p)
+        out["move_rows"] = moved, between("move_rows", -t, t)
+        out["move_cols"] = moved, between("move_cols", -t, t)
     return out
 
 
 def _resolve(xp, drawn: dict[str, Any]) -> dict[str, Any]:
-    identity = {"scale": 1.0, "shift": 0.0, "log_gamma": 0.0, "sigma": 0.0}
+    identity = {"scale": 1.0, "shift": 0.0, "log_gamma": 0.0, "sigma": 0.0,
+                "move_rows": 0.0, "move_cols": 0.0}
     params = {}
     for name, (on, value) in drawn.items():
         params[name] = on if value is None else xp.where(on, value, identity[name]).astype(
@@ -120,7 +145,8 @@ def _resolve(xp, drawn: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def apply_params(xp, volume, params: dict[str, Any], noise=None, view=None):
+def apply_params(xp, volume, params: dict[str, Any], noise=None, view=None, sequence=None,
+                 intensity_on_ct: bool = True):
     """Applies drawn parameters; ``xp`` is ``jax.numpy`` or ``numpy``.
 
     Args:
@@ -129,6 +155,8 @@ def apply_params(xp, volume, params: dict[str, Any], noise=None, view=None):
         flip_left_right, flip_rows, flip_slices (bools).
       noise: standard normal [B, D, H, W, C] (None: no noise term).
       view: int [B] view labels (None or -1: left-right flips use W).
+      sequence: int [B] sequence labels; where given, samples labelled CT keep their grey
+        values (scale 1, shift 0, gamma 1) unless ``intensity_on_ct``.
     """
     def per_sample(x):
         return xp.reshape(x, (-1,) + (1,) * (volume.ndim - 1))
@@ -144,15 +172,38 @@ def apply_params(xp, volume, params: dict[str, Any], noise=None, view=None):
     for axis, flip in ((3, lr_columns), (1, lr_slices | params["flip_slices"]),
                        (2, params["flip_rows"])):
         x = xp.where(per_sample(flip), xp.flip(x, axis=axis), x)
-    x = xp.power(xp.clip(x, 0.0, 1.0), per_sample(xp.exp(params["log_gamma"])))
-    x = x * per_sample(params["scale"]) + per_sample(params["shift"])
+    if "move_rows" in params:
+        x = _translate(xp, x, params["move_rows"], params["move_cols"])
+    log_gamma, scale, shift = params["log_gamma"], params["scale"], params["shift"]
+    if sequence is not None and not intensity_on_ct:
+        ct = xp.asarray(sequence) == CT
+        log_gamma, scale, shift = (xp.where(ct, v, a).astype(xp.float32)
+                                   for v, a in ((0.0, log_gamma), (1.0, scale), (0.0, shift)))
+    x = xp.power(xp.clip(x, 0.0, 1.0), per_sample(xp.exp(log_gamma)))
+    x = x * per_sample(scale) + per_sample(shift)
     if noise is not None:
         x = x + per_sample(params["sigma"]) * noise
     return xp.clip(x, 0.0, 1.0).astype(xp.float32)
 
 
-def augment(rng: jax.Array, volume: jax.Array, config, *, view: jax.Array | None = None
-            ) -> jax.Array:
+def _translate(xp, x, rows, cols):
+    """Moves each sample by round(rows·H) rows and round(cols·W) columns; what leaves
+    the field of view is dropped and zeros come in (a roll, then the wrapped part masked)."""
+    _, _, h, w, _ = x.shape
+    dr = xp.round(xp.asarray(rows) * h).astype(xp.int32)
+    dc = xp.round(xp.asarray(cols) * w).astype(xp.int32)
+    r = xp.arange(h)[None, :] - dr[:, None]          # source row of each output row
+    c = xp.arange(w)[None, :] - dc[:, None]
+    keep = ((r >= 0) & (r < h))[:, None, :, None, None] & ((c >= 0) & (c < w))[:, None, None, :, None]
+    if xp is np:
+        moved = np.stack([np.roll(v, (a, b), axis=(1, 2)) for v, a, b in zip(x, dr, dc)])
+    else:
+        moved = jax.vmap(lambda v, a, b: jnp.roll(v, (a, b), axis=(1, 2)))(x, dr, dc)
+    return xp.where(keep, moved, 0.0)
+
+
+def augment(rng: jax.Array, volume: jax.Array, config, *, view: jax.Array | None = None,
+            sequence: jax.Array | None = None) -> jax.Array:
     """On-device augmentation: float32 [B, D, H, W, C] in [0, 1] → the same.
 
     Pure and jit-able (``config`` is read at trace time: close over it).
@@ -168,17 +219,21 @@ def augment(rng: jax.Array, volume: jax.Array, config, *, view: jax.Array | None
                     jax.random.split(rng, len(names) + 5)))
 
     def uniform(name, shape):
+        if name not in keys:  # later additions: own streams, the others' unchanged
+            keys[name] = jax.random.fold_in(rng, 1000 + sum(map(ord, name)))
         return jax.random.uniform(keys[name], shape)
 
     params = _resolve(jnp, _draw(uniform, batch, config))
     noise = None
     if float(config.noise_prob) > 0 and float(config.noise_std) > 0:
         noise = jax.random.normal(keys["field"], volume.shape, volume.dtype)
-    return apply_params(jnp, volume, params, noise, view)
+    return apply_params(jnp, volume, params, noise, view, sequence,
+                        bool(config.get("intensity_on_ct", True)))
 
 
 def augment_numpy(rng: np.random.Generator, volume: np.ndarray, config, *,
-                  view: np.ndarray | None = None) -> np.ndarray:
+                  view: np.ndarray | None = None, sequence: np.ndarray | None = None
+                  ) -> np.ndarray:
     """Worker-side variant of ``augment`` (same distribution, NumPy random stream)."""
     volume = np.asarray(volume, dtype=np.float32)
     if not config.enabled:
@@ -188,4 +243,5 @@ def augment_numpy(rng: np.random.Generator, volume: np.ndarray, config, *,
     noise = None
     if float(config.noise_prob) > 0 and float(config.noise_std) > 0:
         noise = rng.standard_normal(volume.shape, dtype=np.float32)
-    return apply_params(np, volume, params, noise, view)
+    return apply_params(np, volume, params, noise, view, sequence,
+                        bool(config.get("intensity_on_ct", True)))

@@ -67,7 +67,8 @@ def make_train_step(model, optimizer, loss_weights: dict[str, float], augment_fn
         rng = jax.random.fold_in(rng, state["step"])
         x = model_inputs(batch["volume"])
         if augment_fn is not None:
-            x = augment_fn(jax.random.fold_in(rng, 1), x, view=batch["view"])
+            x = augment_fn(jax.random.fold_in(rng, 1), x, view=batch["view"],
+                           sequence=batch["sequence"])
 
         def loss_fn(params):
             variables = {"params": params}

@@ -20,7 +20,7 @@ def _only(**overrides):
     """A config with every operation off except ``overrides``."""
     config = aug.default_augment_config()
     for key in ("intensity_scale_prob", "intensity_shift_prob", "gamma_prob", "noise_prob",
-                "flip_left_right_prob", "flip_rows_prob", "flip_slices_prob"):
+                "flip_left_right_prob", "flip_rows_prob", "flip_slices_prob", "translate_prob"):
         config[key] = 0.0
     config.update(overrides)
     return config
@@ -104,6 +104,48 @@ def test_intensity_and_noise_statistics_follow_the_config(backend):
     noisy = run(_only(noise_std=0.04, noise_prob=1.0)) - 0.5
     sample_std = noisy.reshape(512, -1).std(axis=1)
     assert sample_std.max() <= 0.04 * 1.6 and 0.01 < sample_std.mean() < 0.03  # σ ~ U(0, 0.04)
+
+
+@pytest.mark.parametrize("backend", ["jnp", "numpy"])
+def test_translation_moves_each_sample_in_plane_and_zeros_come_in(backend):
+    volume = np.random.default_rng(3).random((6, 2, 8, 10, 1), dtype=np.float32) * 0.8 + 0.1
+    config = _only(translate=0.3, translate_prob=1.0)
+    if backend == "jnp":
+        out = np.asarray(aug.augment(jax.random.key(2), jnp.asarray(volume), config))
+    else:
+        out = aug.augment_numpy(np.random.default_rng(2), volume, config)
+    moves = set()
+    for v, o in zip(volume, out):
+        # the one move (within ±30 %) that explains this sample exactly
+        found = [(dr, dc) for dr in range(-3, 4) for dc in range(-3, 4)
+                 if np.array_equal(o, np.roll(v, (dr, dc), axis=(1, 2)) * _inside(dr, dc, v.shape))]
+        assert len(found) == 1, found
+        moves.add(found[0])
+    assert len(moves) > 2  # drawn per sample
+
+
+def _inside(dr, dc, shape):
+    _, h, w, _ = shape
+    rows = (np.arange(h) - dr >= 0) & (np.arange(h) - dr < h)
+    cols = (np.arange(w) - dc >= 0) & (np.arange(w) - dc < w)
+    return (rows[:, None] & cols[None, :])[None, :, :, None]
+
+
+@pytest.mark.parametrize("on_ct", [False, True])
+def test_ct_grey_values_are_kept_unless_asked(on_ct):
+    # CT numbers are calibrated (the contrast label on CT rests on them): by default the
+    # grey-value jitter skips series labelled CT; noise and geometry still apply.
+    volume = np.full((4, 2, 4, 4, 1), 0.5, np.float32)
+    config = _only(intensity_scale=0.2, intensity_scale_prob=1.0, intensity_shift=0.1,
+                   intensity_shift_prob=1.0, gamma=0.5, gamma_prob=1.0, intensity_on_ct=on_ct)
+    sequence = np.array([labels.SEQUENCE.index(s) for s in ("CT", "T1-SE", "CT", "T2-SE")])
+    out = np.asarray(aug.augment(jax.random.key(0), jnp.asarray(volume), config,
+                                 sequence=jnp.asarray(sequence)))
+    on_host = aug.augment_numpy(np.random.default_rng(0), volume, config, sequence=sequence)
+    for o in (out, on_host):
+        changed = [not np.allclose(o[i], 0.5) for i in range(4)]
+        assert changed == [on_ct, True, on_ct, True]
+    assert aug.default_augment_config().intensity_on_ct is False
 
 
 def test_bad_config_is_named():
