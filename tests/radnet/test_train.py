@@ -58,11 +58,16 @@ def make_dataset(path: str, seed: int = 0) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """Each run() compiles the same steps again; a persistent cache makes repeats cheap."""
+    """Each run() compiles the same steps again; a persistent cache makes repeats cheap.
+
+    The folder is the session's (tests/conftest.py), so test_train_faults, which imports
+    this fixture and runs the same tiny configs, loads these programs instead of compiling
+    them again."""
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     saved = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[0], os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                      or str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update(names[1], 0)
     jax.config.update(names[2], 0)
     yield
