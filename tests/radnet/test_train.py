@@ -58,11 +58,16 @@ def make_dataset(path: str, seed: int = 0) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """Each run() compiles the same steps again; a persistent cache makes repeats cheap."""
+    """Each run() compiles the same steps again; a persistent cache makes repeats cheap.
+
+    The folder is the session's (tests/conftest.py), so test_train_faults, which imports
+    this fixture and runs the same tiny configs, loads these programs instead of compiling
+    them again."""
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     saved = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[0], os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                      or str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update(names[1], 0)
     jax.config.update(names[2], 0)
     yield
@@ -234,18 +239,27 @@ def test_eight_devices_match_one(dataset, tmp_path):
     """Same run on 8 fake CPU devices (batch split, parameters FSDP-sharded) and on 1."""
     overrides = {"train.batch_size": 8, "eval.batch_size": 8, "train.num_steps": 2,
                  "eval.every_steps": 2, "checkpoint.every_steps": 2}
-    one = str(tmp_path / "one")
-    pretrain.run(tiny_config(dataset, **overrides), one)
-
+    # The 8-device subprocess starts first and runs while this process trains on one
+    # device: two independent runs (different programs, no shared cache entries), so on
+    # 2 cores their start-up and compilation overlap instead of adding up.
     eight = str(tmp_path / "eight")
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                           " --xla_force_host_platform_device_count=8").strip())
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICE_SCRIPT, dataset, eight],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "'data': 8" in result.stderr   # the mesh really spanned 8 devices
+    proc = subprocess.Popen([sys.executable, "-c", _EIGHT_DEVICE_SCRIPT, dataset, eight],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        one = str(tmp_path / "one")
+        pretrain.run(tiny_config(dataset, **overrides), one)
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "'data': 8" in stderr   # the mesh really spanned 8 devices
 
     def losses(workdir):
         lines = logging_utils.read_metrics(workdir)

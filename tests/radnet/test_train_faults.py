@@ -11,7 +11,9 @@ import pytest
 
 from radnet.train import checkpoint as ckpt_lib
 from radnet.train import loop, pretrain
-from tests.radnet.test_train import dataset, tiny_config  # noqa: F401  (fixture)
+# compilation_cache (autouse): the session's persistent cache, where test_train's runs of
+# the same tiny configs left their compiled steps.
+from tests.radnet.test_train import compilation_cache, dataset, tiny_config  # noqa: F401  (fixtures)
 
 
 def test_nan_guard_never_saves_a_non_finite_state(dataset, tmp_path):  # noqa: F811
