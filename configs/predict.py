@@ -55,6 +55,7 @@ def get_config(arg=None):
     config.qc_calibration_dataset = "auto"
     config.qc_calibration_split = "val,test"  # comma-separated splits
     config.qc_target_flag_rate = 0.02    # of the trusted series, flagged on any head
+    config.qc_by_modality = True         # thresholds per head and modality (CT / MR)
     config.qc_min_disbelief = 0.5        # calibrated thresholds never lower: p(header) ≤ 0.5
     config.qc_calibration = ""           # an earlier OUT/qc_calibration.json to reuse
     config.qc_threshold = 0.95           # uncalibrated: flagged when p(header) < 1 − this

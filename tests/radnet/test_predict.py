@@ -348,6 +348,39 @@ def test_calibrate_thresholds_on_trusted_series():
     assert archive.calibrate_thresholds(scores, headers, config)["flagged"] == 0
 
 
+def test_calibration_per_modality_keeps_a_head_sharp_where_it_is_reliable():
+    """A head confidently wrong on CT but reliable on MR: one pooled threshold is set by the
+    CT errors and misses an MR lie; per-modality thresholds catch it, within the same
+    false-flag budget, and a series without a sequence label gets the stricter one."""
+    rng = np.random.default_rng(1)
+    config = predict_config.get_config("tiny")
+    config.qc_target_flag_rate, config.qc_min_disbelief = 0.02, 0.5
+    ct, t1 = labels.SEQUENCE.index("CT"), labels.SEQUENCE.index("T1-SE")
+    scores, headers = [], []
+    for i in range(300):
+        on_ct = i % 3 == 0
+        contrast = rng.uniform(0, 1.0) if on_ct else rng.uniform(0, 0.5)   # weak on CT
+        scores.append({"sequence": float(rng.uniform(0, 0.1)), "contrast": float(contrast)})
+        headers.append({"sequence": ct if on_ct else t1, "slice_spacing": None,
+                        "coverage": None})
+    mr_lie = ({"sequence": 0.01, "contrast": 0.9}, dict(headers[1]))
+    unknown = dict(headers[1], sequence=labels.UNKNOWN)
+    config.qc_by_modality = False
+    pooled = archive.calibrate_thresholds(scores, headers, config)
+    config.qc_by_modality = True
+    strata = archive.calibrate_thresholds(scores, headers, config)
+    for cal in (pooled, strata):
+        assert 0 < cal["flagged"] <= 0.02 * 300
+    t = strata["thresholds"]
+    assert pooled["thresholds"]["contrast"] > 0.9 > t["contrast@MR"]
+    assert t["contrast@CT"] > 0.9 and t["contrast"] == max(t["contrast@CT"], t["contrast@MR"])
+    assert strata["per_head"]["contrast@CT"]["compared"] == 100
+    assert "contrast" not in archive.qc_flags_from(*mr_lie, pooled["thresholds"], config)
+    assert "contrast" in archive.qc_flags_from(*mr_lie, t, config)
+    assert archive.threshold_of(t, "contrast", unknown) == t["contrast"]
+    assert archive.threshold_of(t, "contrast", headers[0]) == t["contrast@CT"]
+
+
 def test_qc_calibrated_flags_a_corrupted_header(world, tmp_path):
     """The whole mechanism on the tiny model: thresholds calibrated on the dataset's
     trusted labels (qc_calibration.json) carry over to the archive — none of the same
