@@ -135,14 +135,12 @@ def _parse(argv: Sequence[str]) -> list[str]:
 def _said_in_one_line(fn, argv):
     try:
         return fn()
-    except flags.Error as err:
-        if debug_wanted(argv):
-            raise
-        fail(describe(err), _where(str(err), argv) if "--" not in str(err) else None)
     except Exception as err:  # noqa: BLE001  (config files raise what they like; one line)
         if debug_wanted(argv):
             raise
-        fail(describe(err), _where(str(err), argv))
+        # absl's own messages name the flag already ("--config.x ..."); others get where.
+        named = isinstance(err, flags.Error) and "--" in str(err)
+        fail(describe(err), None if named else _where(str(err), argv))
 
 
 @contextlib.contextmanager
@@ -217,11 +215,7 @@ def run(main: Callable[[list[str]], int | None],
         quiet_libraries()
         try:
             return main(argv)
-        except app.UsageError as err:
-            if debug_wanted():
-                raise
-            fail(describe(err))
-        except caught as err:
+        except (app.UsageError, *caught) as err:
             if debug_wanted():
                 raise
             fail(describe(err))

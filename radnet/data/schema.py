@@ -202,7 +202,12 @@ def create(path: str, num_volumes: int, volume_shape=VOLUME_SHAPE, codec: str = 
 
 
 def read_attributes(path: str) -> dict:
-    kv = ts.KvStore.open(kvstore_spec(zarr_root(path).rstrip("/") + "/")).result()
+    return _group_attributes(zarr_root(path), path)
+
+
+def _group_attributes(root: str, path: str) -> dict:
+    """The attributes of the Zarr group at ``root`` (:func:`zarr_root` of dataset ``path``)."""
+    kv = ts.KvStore.open(kvstore_spec(root.rstrip("/") + "/")).result()
     raw = kv.read("zarr.json").result()
     if raw.state != "value":
         raise FileNotFoundError(f"{path} is not a radnet dataset (no {ZARR_GROUP}/zarr.json; "
@@ -235,8 +240,9 @@ def slices_array_spec(path: str, name: str, chunk_slices: int, shape=None) -> di
 def open_arrays(path: str, names=ARRAY_NAMES, read_only: bool = True,
                 context: ts.Context | None = None) -> dict[str, ts.TensorStore]:
     """Opens the arrays of an existing dataset by name."""
-    read_attributes(path)  # a clear error when the path holds no dataset
-    path = zarr_root(path)
+    root = zarr_root(path)
+    _group_attributes(root, path)  # a clear error when the path holds no dataset
+    path = root
     context = context or ts.Context()
     out = {}
     for name in names:

@@ -243,23 +243,7 @@ def resolve_config(config) -> ml_collections.ConfigDict:
             f"{config.dataset} holds slabs at {attrs['mm_per_pixel']} mm per pixel; "
             f"config.data.mm_per_pixel={config.data.mm_per_pixel} (set it to 0 to take the "
             "dataset's)")
-    config.model.frozen_stages = transfer.frozen_stages(config.freeze)
-    pre = config.pretrained
-    restores = transfer.restores_encoder(config.freeze)
-    if restores and not pre.workdir:
-        raise loop.ConfigError("config.pretrained.workdir is empty; give the pretraining run, "
-                         "or freeze=scratch to train from scratch")
-    # The encoder fields of the pretraining run, also for scratch (when the run is given and
-    # model_fields is on): "from scratch" is then the same network with fresh weights.
-    if pre.workdir and (restores or (pre.model_fields and os.path.exists(
-            os.path.join(pre.workdir, "config.json")))):
-        pre_model = ckpt_lib.load_config(pre.workdir).get("model", {})
-        accepted = set(models.get(config.model_name).__dataclass_fields__)
-        for key in ("depth", "variant", "norm", "width", "dtype"):
-            if key in pre_model and key in accepted:
-                config.model[key] = pre_model[key]
-    if restores:
-        pre.step = ckpt_lib.resolve_step(pre.workdir, None if pre.step < 0 else pre.step)
+    transfer.adopt_pretrained(config, models.get(config.model_name).__dataclass_fields__)
     return config
 
 

@@ -430,21 +430,7 @@ def resolve_config(config) -> ml_collections.ConfigDict:
     the classes and their number from the dataset, the input shape of a window, the
     pretraining step read."""
     config = ml_collections.ConfigDict(config.to_dict())
-    frozen = transfer.frozen_stages(config.freeze)
-    pre = config.pretrained
-    if pre.model_fields and pre.workdir:
-        pre_model = ckpt_lib.load_config(pre.workdir).get("model", {})
-        accepted = set(models.get(config.model_name).__dataclass_fields__)
-        for key in ("depth", "variant", "norm", "width", "dilated", "dtype"):
-            if key in pre_model and key in accepted:
-                config.model[key] = pre_model[key]
-    config.model.frozen_stages = frozen
-    if transfer.restores_encoder(config.freeze):
-        if not pre.workdir:
-            raise loop.ConfigError(f"freeze={config.freeze} restores a pretrained encoder but "
-                                   "config.pretrained.workdir is empty; give pretrained=RUN "
-                                   "or freeze=scratch")
-        pre.step = ckpt_lib.resolve_step(pre.workdir, None if pre.step < 0 else pre.step)
+    transfer.adopt_pretrained(config, models.get(config.model_name).__dataclass_fields__)
     attrs = nifti.read_attributes(config.dataset)
     names = nifti.class_names(attrs)
     if int(config.model.num_classes) <= 0:

@@ -49,27 +49,13 @@ from radnet.train import loop, transfer
 from radnet.train import state as state_lib
 from radnet.train.segment import init_variables
 
-ENCODER_FIELDS = ("depth", "variant", "norm", "width", "dilated", "dtype")
-
-
 def resolve_config(config) -> ml_collections.ConfigDict:
     """A private copy with the derived fields: encoder fields of the pretraining run (so
     its encoder always fits, and scratch runs train the same architecture), the frozen
     stages, the slab shape, the pretraining step."""
     config = ml_collections.ConfigDict(config.to_dict())
-    pre = config.pretrained
-    if transfer.restores_encoder(config.freeze) and not pre.workdir:
-        raise loop.ConfigError("config.pretrained.workdir is empty; give the pretraining run, "
-                               "or freeze=scratch to train from scratch")
-    if pre.model_fields and pre.workdir:
-        pre_model = ckpt_lib.load_config(pre.workdir).get("model", {})
-        for key in ENCODER_FIELDS:
-            if key in pre_model:
-                config.model[key] = pre_model[key]
-    config.model.frozen_stages = transfer.frozen_stages(config.freeze)
+    transfer.adopt_pretrained(config)
     config.model.sector_num = int(config.groups.sector_num)
-    if transfer.restores_encoder(config.freeze):
-        pre.step = ckpt_lib.resolve_step(pre.workdir, None if pre.step < 0 else pre.step)
     stored = int(sg.read_attributes(config.dataset)["in_plane"])
     in_plane = int(config.groups.in_plane)
     if stored % in_plane:
@@ -106,20 +92,23 @@ def init_model_variables(model, input_shape, seed: int) -> dict:
     return {**variables, "params": traverse_util.unflatten_dict(flat)}
 
 
-def random_flips(rng, x, prob: float):
-    """Each example of ``x [B, D, H, W, C]`` flipped left-right and along z, each with
-    probability ``prob`` (a nodule's class does not depend on either)."""
-    k1, k2 = jax.random.split(rng)
-    shape = (x.shape[0], 1, 1, 1, 1)
-    x = jnp.where(jax.random.bernoulli(k1, prob, shape), x[:, :, :, ::-1], x)
-    return jnp.where(jax.random.bernoulli(k2, prob, shape), x[:, ::-1], x)
+def flips_only(prob: float) -> ml_collections.ConfigDict:
+    """radnet.data.augment's config with only the left-right and slice-order flips, each
+    with probability ``prob`` (a nodule's class depends on neither)."""
+    config = augment.default_augment_config()
+    for key in ("intensity_scale_prob", "intensity_shift_prob", "gamma_prob", "noise_prob",
+                "flip_rows_prob", "translate_prob"):
+        config[key] = 0.0
+    config.flip_left_right_prob = config.flip_slices_prob = float(prob)
+    return config
 
 
 def make_train_step(model, param_labels, stat_labels, optimizer, flip_prob: float = 0.0):
     def train_step(state, batch, rng):
         x = augment.to_unit_float(batch["image"])
         if flip_prob > 0:
-            x = random_flips(jax.random.fold_in(rng, state["step"]), x, flip_prob)
+            x = augment.augment(jax.random.fold_in(rng, state["step"]), x,
+                                flips_only(flip_prob))
 
         def loss_fn(params):
             params = jax.tree.map(
@@ -187,20 +176,34 @@ def predict_groups(config, groups, predict_step, variables, placement,
 
 # ----------------------------------------------------------------------------- metrics
 
-def top_k_recall(groups, probs: np.ndarray, k: int) -> tuple[float | None, int]:
-    """Share of studies with a nodule group that have one among their k groups of
-    highest P(nodule); and how many such studies there are."""
+def ranked_by_study(groups, probs: np.ndarray) -> dict[str, list[int]]:
+    """Per study (series key, in first-seen order) the indices of its groups from the
+    highest P(nodule) = 1 − P(non-nodule) down (ties: the groups' order): the reading
+    order ranked.csv writes and the top-k recall scores."""
     by: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         by.setdefault(g.series_key, []).append(i)
-    hits = total = 0
-    for idx in by.values():
-        if not any(groups[i].label in (sg.BENIGN, sg.MALIGNANT) for i in idx):
-            continue
-        total += 1
-        order = sorted(idx, key=lambda i: -(1.0 - probs[i, sg.NON_NODULE]))[:k]
-        hits += any(groups[i].label in (sg.BENIGN, sg.MALIGNANT) for i in order)
-    return (hits / total if total else None), total
+    p_nodule = 1.0 - np.asarray(probs)[:, sg.NON_NODULE] if len(groups) else np.zeros(0)
+    return {key: [idx[j] for j in np.argsort(-p_nodule[idx], kind="stable")]
+            for key, idx in by.items()}
+
+
+def _has_nodule(labels) -> bool:
+    return any(label in (sg.BENIGN, sg.MALIGNANT) for label in labels)
+
+
+def top_k_hits(groups, probs: np.ndarray, k: int) -> list[bool]:
+    """For each study with a nodule group: is one among its k groups of highest P(nodule)."""
+    return [_has_nodule(groups[i].label for i in order[:k])
+            for order in ranked_by_study(groups, probs).values()
+            if _has_nodule(groups[i].label for i in order)]
+
+
+def top_k_recall(groups, probs: np.ndarray, k: int) -> tuple[float | None, int]:
+    """Share of studies with a nodule group that have one among their k groups of
+    highest P(nodule); and how many such studies there are."""
+    hits = top_k_hits(groups, probs, k)
+    return (sum(hits) / len(hits) if hits else None), len(hits)
 
 
 def fit_bias(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -252,12 +255,7 @@ def study_intervals(groups, probs: np.ndarray, top_k: int, num_samples: int = 10
               - head_metrics.weighted_accuracy(labels[known] == majority, w))
     tail = 50.0 * (1.0 - level)
     out = {"margin_ci": np.percentile(margin, [tail, 100 - tail]).tolist()}
-    hits = []
-    for key in dict.fromkeys(keys):
-        idx = np.flatnonzero(keys == key)
-        if any(labels[i] in (sg.BENIGN, sg.MALIGNANT) for i in idx):
-            top = idx[np.argsort(-(1.0 - probs[idx, sg.NON_NODULE]), kind="stable")[:top_k]]
-            hits.append(any(labels[i] in (sg.BENIGN, sg.MALIGNANT) for i in top))
+    hits = top_k_hits(groups, probs, top_k)
     ci = None
     if hits:
         ws = head_metrics.bootstrap_weights(np.arange(len(hits)), num_samples, seed)
@@ -301,16 +299,12 @@ def write_outputs(workdir: str, config, split_groups: dict, split_probs: dict) -
                             sg.CLASSES[g.label] if g.label >= 0 else "unknown",
                             *(f"{v:.4f}" for v in p)])
     groups, probs = split_groups.get("test", []), split_probs.get("test")
-    by: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        by.setdefault(g.series_key, []).append(i)
     os.makedirs(os.path.join(workdir, "strips"), exist_ok=True)
     with open(os.path.join(workdir, "ranked.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["series_key", "rank", "group", "first_slice", "last_slice", "sector",
                     "p_nodule", "p_malignant", "label"])
-        for key, idx in by.items():
-            order = sorted(idx, key=lambda i: -(1.0 - probs[i, sg.NON_NODULE]))
+        for key, order in ranked_by_study(groups, probs).items():
             for rank, i in enumerate(order, start=1):
                 g = groups[i]
                 w.writerow([key, rank, g.index, g.start,
@@ -486,44 +480,14 @@ def format_table(results: list[dict], split: str = "test", top_k: int = 3) -> st
     return "\n".join(lines)
 
 
-def groups_from_predictions(workdir: str) -> dict[str, tuple[list, np.ndarray]]:
-    """split → (groups, probabilities) as predictions.csv holds them."""
-    out: dict[str, tuple[list, list]] = {}
-    with open(os.path.join(workdir, "predictions.csv"), newline="") as f:
-        for r in csv.DictReader(f):
-            label = sg.CLASSES.index(r["label"]) if r["label"] in sg.CLASSES else sg.UNKNOWN
-            g = sg.Group(r["series_key"], r["split"], int(r["group"]), int(r["first_slice"]),
-                         int(r["sector"]), label, "")
-            gs, ps = out.setdefault(r["split"], ([], []))
-            gs.append(g)
-            ps.append([float(r[f"p_{c}"]) for c in sg.CLASSES])
-    return {k: (g, np.asarray(p, np.float32)) for k, (g, p) in out.items()}
-
-
-def collect_results(root: str, top_k: int = 3) -> list[dict]:
-    """results.json of every run under ``root``; the validation-calibrated test summary is
-    computed from predictions.csv for runs whose results.json lacks it."""
+def collect_results(root: str) -> list[dict]:
+    """results.json of every run under ``root`` (one folder each), in name order."""
     out = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "results.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            r = json.load(f)
-        preds = os.path.join(root, name, "predictions.csv")
-        if os.path.exists(preds) and ("test_calibrated" not in r or "margin_ci" not in
-                                      r.get("test", {"margin_ci": 0})):
-            split = groups_from_predictions(os.path.join(root, name))
-            if "test" in split and "test" in r:
-                r["test"].update(study_intervals(*split["test"], top_k))
-                r["test"]["margin"] = r["test"]["accuracy"] - r["test"]["majority_accuracy"]
-        if "test_calibrated" not in r and os.path.exists(preds):
-            split = groups_from_predictions(os.path.join(root, name))
-            if "val" in split and "test" in split:
-                bias, r["test_calibrated"] = calibrated_summary(*split["val"], *split["test"],
-                                                                top_k)
-                r["calibration_bias"] = bias.round(4).tolist()
-        out.append(r)
+        if os.path.exists(path):
+            with open(path) as f:
+                out.append(json.load(f))
     return out
 
 

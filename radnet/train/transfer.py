@@ -22,6 +22,7 @@ they stay bit-identical whatever the update.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -132,6 +133,37 @@ def labels_and_optimizer(model, input_shape: Sequence[int], stages: Sequence[str
     return (label_tree(abstract["params"], stages),
             label_tree(abstract.get("batch_stats", {}), stages),
             freeze(tx, stages))
+
+
+ENCODER_FIELDS = ("depth", "variant", "norm", "width", "dilated", "dtype")
+
+
+def adopt_pretrained(config: ml_collections.ConfigDict, accepted: Sequence[str] = ENCODER_FIELDS
+                     ) -> None:
+    """The derived fields every task that transfers the encoder sets (segment, detect,
+    slicegroups), in place on ``config``: the frozen stages of ``config.freeze``; the
+    encoder fields of the pretraining run's model (those in ``accepted``), so its encoder
+    always fits and a scratch run trains the same network with fresh weights (when
+    ``config.pretrained.model_fields`` and the run is there); the pretraining step. A freeze
+    row that restores an encoder without a run is a ConfigError, before any data is read."""
+    from radnet.train import checkpoint as ckpt_lib  # noqa: PLC0415 -- checkpoint is heavy
+    from radnet.train import loop  # noqa: PLC0415 -- loop imports checkpoint
+
+    config.model.frozen_stages = frozen_stages(config.freeze)
+    pre = config.pretrained
+    restores = restores_encoder(config.freeze)
+    if restores and not pre.workdir:
+        raise loop.ConfigError(f"freeze={config.freeze} restores a pretrained encoder but "
+                               "config.pretrained.workdir is empty; give the pretraining run "
+                               "(pretrained=RUN), or freeze=scratch to train from scratch")
+    if pre.workdir and pre.get("model_fields", True) and (
+            restores or os.path.exists(os.path.join(pre.workdir, "config.json"))):
+        pre_model = ckpt_lib.load_config(pre.workdir).get("model", {})
+        for key in ENCODER_FIELDS:
+            if key in pre_model and key in accepted:
+                config.model[key] = pre_model[key]
+    if restores:
+        pre.step = ckpt_lib.resolve_step(pre.workdir, None if pre.step < 0 else pre.step)
 
 
 def with_pretrained_encoder(variables: dict, config: ml_collections.ConfigDict) -> dict:

@@ -162,6 +162,15 @@ def test_task_runs_and_ranks(setup):
     preds = [r for r in csv.DictReader(open(os.path.join(workdir, "predictions.csv")))
              if r["split"] == "test"]
     assert len(ranked) == len(preds) > 0
+    # The reported accuracy is that of the written predictions (argmax against the label;
+    # the file's 4 decimals can hide which of two near-equal classes won: a bracket).
+    known = [r for r in preds if r["label"] in sg.CLASSES]
+    p = np.array([[float(r[f"p_{c}"]) for c in sg.CLASSES] for r in known])
+    mine = p[np.arange(len(known)), [sg.CLASSES.index(r["label"]) for r in known]]
+    others = np.where(np.eye(len(sg.CLASSES), dtype=bool)[
+        [sg.CLASSES.index(r["label"]) for r in known]], -1.0, p).max(axis=1)
+    assert test["groups"] == len(known)
+    assert np.mean(mine > others + 1e-4) <= test["accuracy"] <= np.mean(mine >= others - 1e-4)
     for key in {r["series_key"] for r in ranked}:
         mine = [r for r in ranked if r["series_key"] == key]
         p = [float(r["p_nodule"]) for r in mine]
@@ -247,3 +256,31 @@ def test_study_intervals_of_margin_and_top_k():
     always_non = np.tile([0.9, 0.05, 0.05], (len(groups), 1))
     out = task.study_intervals(groups, always_non, 3, num_samples=300)
     assert out["margin_ci"] == [0.0, 0.0] and out["top3_study_recall_ci"] == [0.0, 0.0]
+
+
+def test_ranking_by_study_and_top_k_recall_by_hand():
+    """The reading order per study (highest P(nodule) first, ties in group order) and the
+    top-k study recall computed from it, on hand-made probabilities."""
+    def g(key, index, label):
+        return sg.Group(key, "test", index, 4 * index, 0, label, "")
+
+    groups = [g("a", 0, sg.NON_NODULE), g("a", 1, sg.BENIGN), g("a", 2, sg.NON_NODULE),
+              g("b", 0, sg.MALIGNANT), g("b", 1, sg.NON_NODULE), g("b", 2, sg.NON_NODULE),
+              g("c", 0, sg.NON_NODULE), g("c", 1, sg.NON_NODULE)]   # c: no nodule group
+    p_non = np.array([0.1, 0.5, 0.5, 0.9, 0.2, 0.3, 0.4, 0.6])
+    probs = np.stack([p_non, (1 - p_non) / 2, (1 - p_non) / 2], axis=1)
+    order = task.ranked_by_study(groups, probs)
+    assert order == {"a": [0, 1, 2], "b": [4, 5, 3], "c": [6, 7]}   # a: 1 and 2 tie
+    assert task.top_k_hits(groups, probs, 1) == [False, False]
+    assert task.top_k_recall(groups, probs, 2) == (0.5, 2)          # a's benign is 2nd
+    assert task.top_k_recall(groups, probs, 3) == (1.0, 2)
+    assert task.top_k_recall([], None, 3) == (None, 0)
+
+
+def test_training_flips_are_the_augment_modules_left_right_and_slice_flips():
+    from radnet.data import augment
+    x = jnp.asarray(np.random.default_rng(0).random((3, 4, 5, 6, 1), dtype=np.float32))
+    both = np.asarray(augment.augment(jax.random.key(0), x, task.flips_only(1.0)))
+    np.testing.assert_array_equal(both, np.asarray(x)[:, ::-1, :, ::-1])   # z and left-right
+    none = augment.augment(jax.random.key(0), x, task.flips_only(0.0))
+    np.testing.assert_array_equal(np.asarray(none), np.asarray(x))
