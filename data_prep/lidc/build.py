@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from data_prep.lidc import nodules as nodules_lib
 from data_prep.lidc import readxml
+from data_prep.nifti import build as nifti_build
 from radnet import preprocess
-from radnet.data import schema
 from radnet.data import slicegroups as sg
 from radnet.dicom import headers as dicom_headers
 from radnet.labels import SPLITS
@@ -79,18 +79,11 @@ def _fmt(x: float, digits: int = 2) -> str:
 
 
 def assign_splits(keys: list[str], fractions, seed: int) -> dict[str, str]:
-    """Seeded train/val/test split of the usable series (at least one in val and test
-    once there are three)."""
-    keys = sorted(keys)
-    n = len(keys)
-    if n < 3:
+    """Seeded train/val/test split of the usable series (data_prep.nifti.build's rule: at
+    least one in val and test); fewer than three series all train."""
+    if len(keys) < 3:
         return {k: "train" for k in keys}
-    n_val = max(1, int(math.floor(fractions[1] * n)))
-    n_test = max(1, n - int(round(fractions[0] * n)) - n_val)
-    n_train = max(1, n - n_val - n_test)
-    order = np.random.default_rng(seed).permutation(n)
-    return {keys[i]: ("train" if r < n_train else "val" if r < n_train + n_val else "test")
-            for r, i in enumerate(order)}
+    return nifti_build.assign_splits(keys, tuple(fractions), seed)
 
 
 def scan(root: str) -> tuple[dict[str, list[tuple[str, Any]]], list[str], list[dict]]:
@@ -218,11 +211,7 @@ def build(lidc_root: str, out: str, config, secret: bytes) -> dict:
              "slice_spacing_mm": float(b.slice_spacing_mm), "hu_window": [b.hu_min, b.hu_max],
              "orientation": "slices superior->inferior, rows anterior->posterior, "
                             "columns right->left", "chunk_slices": sg.CHUNK_SLICES}
-    kv = ts.KvStore.open(schema.kvstore_spec(out.rstrip("/") + "/")).result()
-    kv.write("zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
-                                      "attributes": attrs}, indent=1).encode()).result()
-    kv.write("image/zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
-                                            "attributes": {}}).encode()).result()
+    nifti_build.write_group(out, attrs, subgroups=("image",))
     manifest, ann_rows, nodule_rows = [], [], []
     series_status = {}
     for uid in tqdm(sorted(series, key=lambda u: keys[u]), desc="series", disable=None):

@@ -37,13 +37,14 @@ from radnet.data import nifti, schema
 from radnet.labels import SPLITS
 
 
-def write_group(dataset: str, attributes: dict) -> None:
+def write_group(dataset: str, attributes: dict,
+                subgroups: Sequence[str] = ("image", "mask", "native")) -> None:
     """The dataset's zarr group (``attributes``: what radnet.data.nifti.read_attributes
-    reads) and its image/, mask/ and native/ subgroups."""
+    reads) and its empty subgroups (image/, mask/ and native/ for a segmentation dataset)."""
     kv = ts.KvStore.open(schema.kvstore_spec(dataset.rstrip("/") + "/")).result()
     kv.write("zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
                                       "attributes": attributes}, indent=1).encode()).result()
-    for kind in ("image", "mask", "native"):
+    for kind in subgroups:
         kv.write(f"{kind}/zarr.json", json.dumps(
             {"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()).result()
 

@@ -29,7 +29,7 @@ import grain
 import numpy as np
 import tensorstore as ts
 
-from radnet.data import schema
+from radnet.data import nifti, schema
 
 CLASSES = ("non_nodule", "benign", "malignant")
 NON_NODULE, BENIGN, MALIGNANT, UNKNOWN = 0, 1, 2, -1
@@ -174,13 +174,7 @@ def downsample(slab: np.ndarray, in_plane: int) -> np.ndarray:
 
 def read_slab(dataset: str, key: str, start: int, group_slices: int, in_plane: int) -> np.ndarray:
     """Stored slices [start, start + group_slices), blank past the end: ``[D, H, W]`` uint8."""
-    store = _open(dataset, key)
-    n = store.shape[0]
-    out = np.zeros((group_slices, *store.shape[1:]), np.uint8)
-    hi = min(start + group_slices, n)
-    if hi > start:
-        out[:hi - start] = store[start:hi].read().result()
-    return downsample(out, in_plane)
+    return downsample(nifti.read_window(_open(dataset, key), start, group_slices), in_plane)
 
 
 class SlabReader(grain.transforms.Map):
