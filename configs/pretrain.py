@@ -27,7 +27,7 @@ def get_config(arg=None):
     config.model_name = "radnet"
     config.model = ml_collections.ConfigDict(dict(
         depth=arg.depth, variant=arg.variant, norm=arg.norm, width=64, hidden=1000,
-        dtype="float32"))
+        dtype="float32", intensity_bins=0))
 
     # Paper: Adam (common.trainer_defaults). Learning rate, warm-up and clipping are not
     # given there; the defaults are ours.

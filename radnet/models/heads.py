@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from radnet import labels
@@ -29,9 +30,12 @@ class RadNetHeads(nn.Module):
     hidden: int = 1000
 
     @nn.compact
-    def __call__(self, embedding):
+    def __call__(self, embedding, extra=None):
         dense = lambda n, name: nn.Dense(n, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
-        h = nn.relu(dense(self.hidden, "hidden")(embedding.astype(jnp.float32)))
+        features = embedding.astype(jnp.float32)
+        if extra is not None:  # e.g. the intensity histogram (RadNet.intensity_bins)
+            features = jnp.concatenate([features, extra.astype(jnp.float32)], axis=-1)
+        h = nn.relu(dense(self.hidden, "hidden")(features))
         out = {head: dense(size, head)(h) for head, size in labels.HEAD_SIZES.items()}
         for head in labels.REGRESSION_HEADS:
             out[head] = out[head][..., 0]  # [B, 1] → [B]: one value per volume
@@ -54,11 +58,33 @@ class RadNet(nn.Module):
     dilated: bool = False
     frozen_stages: Sequence[str] = ()
     bn_momentum: float = common.BN_MOMENTUM
+    intensity_bins: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool):
+        extra = intensity_histogram(x, self.intensity_bins) if self.intensity_bins else None
         embedding, _ = ResNet3D(depth=self.depth, variant=self.variant, norm=self.norm,
                                 width=self.width, dtype=self.dtype, dilated=self.dilated,
                                 frozen_stages=self.frozen_stages,
                                 bn_momentum=self.bn_momentum, name="encoder")(x, train)
-        return RadNetHeads(hidden=self.hidden, name="heads")(embedding)
+        return RadNetHeads(hidden=self.hidden, name="heads")(embedding, extra)
+
+
+def intensity_histogram(x, bins: int):
+    """``x [B, D, H, W, 1]`` in [0, 1] → ``[B, bins]``: the square root of the share of
+    voxels near each of ``bins`` evenly spaced grey levels (triangular bins: a voxel splits
+    between its two nearest centres).
+
+    An input to the heads beside the pooled embedding when ``RadNet.intensity_bins`` > 0:
+    in CT, contrast enhancement is a few per cent of the voxels (blood, enhancing organs)
+    moved up the grey scale, a whole-volume statistic that a convolutional encoder trained
+    on a few hundred series tends to memorise series by rather than learn (docs/predict.md).
+    No parameters, no gradient to the input; the square root lifts the small shares that
+    carry the signal. XLA fuses the broadcast into the reduction, so the [B, D, H, W, bins]
+    array is never stored.
+    """
+    x = jax.lax.stop_gradient(x.astype(jnp.float32))[..., 0]
+    centres = (jnp.arange(bins, dtype=jnp.float32) + 0.5) / bins
+    weight = jnp.maximum(0.0, 1.0 - jnp.abs(x[..., None] - centres) * bins)
+    share = jnp.mean(weight, axis=tuple(range(1, x.ndim)))
+    return jnp.log(share + 1e-3) / 3.454 + 1.0  # share 0 → −1, 1 → +1

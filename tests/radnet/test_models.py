@@ -93,6 +93,44 @@ def test_radnet_heads_shapes(variant, norm):
     assert all(v.dtype == jnp.float32 for v in out.values())
 
 
+def test_intensity_histogram_against_a_per_voxel_count():
+    """The heads' histogram input (radnet.models.heads.intensity_histogram) against a plain
+    NumPy count: each voxel gives 1 − d to its nearest centre and d to the next one (d its
+    distance in bin widths), nothing where it sits beyond the outer centres."""
+    import numpy as np
+
+    from radnet.models import heads
+
+    bins = 8
+    x = np.random.default_rng(0).random((2, 4, 5, 6, 1)).astype(np.float32)
+    x[1, :2] = 0.0  # many voxels in the outermost half-bin
+    expected = np.zeros((2, bins))
+    pos = x[..., 0] * bins - 0.5  # position in bin widths from the first centre
+    for b in range(2):
+        for p in pos[b].ravel():
+            lo = int(np.floor(p))
+            for k, w in ((lo, 1.0 - (p - lo)), (lo + 1, p - lo)):
+                if 0 <= k < bins:
+                    expected[b, k] += w
+    expected /= pos[0].size
+    got = np.asarray(heads.intensity_histogram(jnp.asarray(x), bins))
+    np.testing.assert_allclose(got, np.log(expected + 1e-3) / 3.454 + 1.0, atol=1e-5)
+    assert got[1, 0] > got[0, 0]
+    grad = jax.grad(lambda v: heads.intensity_histogram(v, bins).sum())(jnp.asarray(x))
+    assert not np.any(np.asarray(grad)), "no gradient flows to the input"
+
+
+def test_intensity_bins_widen_the_hidden_layer_only():
+    plain = _init_shapes(models.get("radnet")(depth=10, width=4, hidden=16), TINY)
+    with_hist = _init_shapes(
+        models.get("radnet")(depth=10, width=4, hidden=16, intensity_bins=32), TINY)
+    plain, with_hist = _paths(plain), _paths(with_hist)
+    key = "['params']['heads']['hidden']['kernel']"
+    assert with_hist[key] == (plain[key][0] + 32, 16)
+    assert {k: v for k, v in with_hist.items() if k != key} == \
+        {k: v for k, v in plain.items() if k != key}
+
+
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
     model = models.get("radnet")(depth=10, width=4, hidden=8, dtype="bfloat16")
     variables = _init_shapes(model, TINY)

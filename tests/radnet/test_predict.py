@@ -445,6 +445,51 @@ def test_qc_calibrated_flags_a_corrupted_header(world, tmp_path):
         archive.qc_thresholds(p, config, str(tmp_path / "other"))
 
 
+def test_qc_corruption_bench_plants_lies_the_index_believes(world, tmp_path):
+    """bench/qc_corruption.py (the catch measurement of docs/predict.md): each planted lie
+    makes the index mine the wrong label on that head only; every other series, and the
+    other heads of the corrupted ones, keep their labels; the score counts a lie as taken
+    from the header column of predictions.csv."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "qc_corruption.py")
+    spec = importlib.util.spec_from_file_location("qc_corruption", path)
+    qc_corruption = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qc_corruption)
+    series = _csv(world["index"] / "series.csv")
+    split = max(labels.SPLITS, key=lambda s: sum(r["split"] == s for r in series))
+    copy = tmp_path / "copy"
+    qc_corruption.main(["corrupt", f"--index={world['index']}", f"--dicom_root={world['dicom']}",
+                        f"--out={copy}", f"--split={split}", "--seed=0", "--contrast=1",
+                        "--sequence=1", "--view=1"])
+    lies = json.load(open(copy / "corrupted.json"))
+    assert sorted(v["head"] for v in lies.values()) == ["contrast", "sequence", "view"]
+    _index(copy, tmp_path / "index", world["salt"])
+    before = {r["series_key"]: r for r in series if r["split"] == split}
+    after = {r["series_key"]: r for r in _csv(tmp_path / "index" / "series.csv")}
+    assert set(after) == set(before)
+    for key, row in after.items():
+        for head in ("sequence", "view", "contrast"):
+            lie = lies.get(key)
+            want = lie["lie"] if lie and lie["head"] == head else before[key][head]
+            assert row[head] == want, (key, head)
+        assert row["status"] == before[key]["status"]
+    # The score reads predictions.csv: a row whose header column shows the lie counts as
+    # taken; a flag on the lie's head counts as caught.
+    rows = [{"series_key": k, "status": "predicted", "qc": "",
+             **{f"header_{h}": after[k][h] for h in ("sequence", "view", "contrast")}}
+            for k in after if after[k]["status"] == "included"]
+    first = sorted(lies)[0]
+    next(r for r in rows if r["series_key"] == first)["qc"] = lies[first]["head"]
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    got = qc_corruption.score(qc_corruption.argparse.Namespace(
+        out=str(copy), predictions=str(tmp_path / "predictions.csv")))
+    assert got["lies_took"] == 3 and got["flagged"] == 1 and got["untouched_flagged"] == 0
+
+
 def test_suggested_overrides_feed_the_index(world, tmp_path):
     """Missing header labels → suggestions the index's overrides.csv reader accepts."""
     from data_prep.index import outputs
