@@ -33,6 +33,11 @@ from radnet import labels
 from radnet.interop import names as names_lib
 from radnet.interop import weightsfile
 
+# As radnet.models.heads.HISTOGRAM_FLOOR / HISTOGRAM_HALF_RANGE (no Flax here; a test
+# holds the two equal).
+HISTOGRAM_FLOOR = 1e-3
+HISTOGRAM_HALF_RANGE = -math.log(HISTOGRAM_FLOOR) / 2.0
+
 # depth → (unit kind, units per stage); as radnet.models.resnet3d.DEPTHS (no Flax here).
 DEPTHS = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
           50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
@@ -151,13 +156,15 @@ def _classes() -> dict[str, Any]:
     class RadNetHeads(nn.Module):
         """embedding → dense(hidden) → ReLU → one dense per head (radnet/labels.py order)."""
 
-        def __init__(self, channels, hidden):
+        def __init__(self, channels, hidden, intensity_bins=0):
             super().__init__()
-            self.hidden = nn.Linear(channels, hidden)
+            self.hidden = nn.Linear(channels + intensity_bins, hidden)
             for head, size in labels.HEAD_SIZES.items():
                 setattr(self, head, nn.Linear(hidden, size))
 
-        def forward(self, embedding):
+        def forward(self, embedding, extra=None):
+            if extra is not None:
+                embedding = torch.cat([embedding, extra], dim=-1)
             h = F.relu(self.hidden(embedding))
             out = {head: getattr(self, head)(h) for head in labels.HEAD_SIZES}
             for head in labels.REGRESSION_HEADS:
@@ -167,14 +174,24 @@ def _classes() -> dict[str, Any]:
     class RadNet(nn.Module):
         """3D-RADNet: ``encoder`` + ``heads``; ``x [B, 1, D, H, W]`` → logits per head."""
 
-        def __init__(self, depth=50, width=64, hidden=1000):
+        def __init__(self, depth=50, width=64, hidden=1000, intensity_bins=0):
             super().__init__()
             self.encoder = ResNet3D(depth, width)
             channels = 8 * width * (1 if DEPTHS[depth][0] == "basic" else 4)
-            self.heads = RadNetHeads(channels, hidden)
+            self.heads = RadNetHeads(channels, hidden, intensity_bins)
+            self.intensity_bins = intensity_bins
 
         def forward(self, x):
-            return self.heads(self.encoder(x)[0])
+            extra = intensity_histogram(x, self.intensity_bins) if self.intensity_bins else None
+            return self.heads(self.encoder(x)[0], extra)
+
+    def intensity_histogram(x, bins):
+        """radnet.models.heads.intensity_histogram for ``x [B, 1, D, H, W]``."""
+        centres = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
+        v = x.detach().float().flatten(1)
+        share = torch.stack([(1.0 - (v - c).abs() * bins).clamp(min=0.0).mean(dim=1)
+                             for c in centres], dim=1)
+        return torch.log(share + HISTOGRAM_FLOOR) / HISTOGRAM_HALF_RANGE + 1.0
 
     return {"torch": torch, "SameConv3d": SameConv3d, "ResNet3D": ResNet3D,
             "RadNetHeads": RadNetHeads, "RadNet": RadNet}
@@ -217,7 +234,8 @@ def load(path: str):
     torch = classes["torch"]
     depth, width = int(model_cfg["depth"]), int(model_cfg["width"])
     if model_name == "radnet":
-        module = classes["RadNet"](depth, width, int(model_cfg["hidden"]))
+        module = classes["RadNet"](depth, width, int(model_cfg["hidden"]),
+                                   int(model_cfg.get("intensity_bins", 0)))
     elif model_name == "resnet":
         module = classes["ResNet3D"](depth, width)
     else:

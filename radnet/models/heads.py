@@ -9,6 +9,7 @@ softmax/sigmoid live in the losses and metrics. Head sizes come from
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -70,21 +71,27 @@ class RadNet(nn.Module):
         return RadNetHeads(hidden=self.hidden, name="heads")(embedding, extra)
 
 
+# The histogram's shares as log(share + floor), scaled so that share 0 → −1 and 1 → ~+1.
+HISTOGRAM_FLOOR = 1e-3
+HISTOGRAM_HALF_RANGE = -math.log(HISTOGRAM_FLOOR) / 2.0
+
+
 def intensity_histogram(x, bins: int):
-    """``x [B, D, H, W, 1]`` in [0, 1] → ``[B, bins]``: the square root of the share of
-    voxels near each of ``bins`` evenly spaced grey levels (triangular bins: a voxel splits
+    """``x [B, D, H, W, 1]`` in [0, 1] → ``[B, bins]``: the logarithm of the share of
+    voxels near each of ``bins`` evenly spaced grey levels, scaled to [−1, 1] (triangular bins: a voxel splits
     between its two nearest centres).
 
     An input to the heads beside the pooled embedding when ``RadNet.intensity_bins`` > 0:
     in CT, contrast enhancement is a few per cent of the voxels (blood, enhancing organs)
     moved up the grey scale, a whole-volume statistic that a convolutional encoder trained
     on a few hundred series tends to memorise series by rather than learn (docs/predict.md).
-    No parameters, no gradient to the input; the square root lifts the small shares that
-    carry the signal. XLA fuses the broadcast into the reduction, so the [B, D, H, W, bins]
-    array is never stored.
+    No parameters, no gradient to the input; the logarithm lifts the small shares that
+    carry the signal (a square root did not help on the demo: docs/models.md).
+    XLA fuses the broadcast into the reduction, so the [B, D, H, W, bins] array is never
+    stored.
     """
     x = jax.lax.stop_gradient(x.astype(jnp.float32))[..., 0]
     centres = (jnp.arange(bins, dtype=jnp.float32) + 0.5) / bins
     weight = jnp.maximum(0.0, 1.0 - jnp.abs(x[..., None] - centres) * bins)
     share = jnp.mean(weight, axis=tuple(range(1, x.ndim)))
-    return jnp.log(share + 1e-3) / 3.454 + 1.0  # share 0 → −1, 1 → +1
+    return jnp.log(share + HISTOGRAM_FLOOR) / HISTOGRAM_HALF_RANGE + 1.0  # share 0 → −1, 1 → +1

@@ -197,6 +197,14 @@ def test_reference_module_imports_without_torch_and_says_what_to_install():
         torch_reference.load(fixture("radnet_variant_resnet50.safetensors"))
 
 
+def test_reference_module_histogram_constants_are_the_jax_ones():
+    """torch_reference keeps its own copy of the histogram scaling (it must not import Flax)."""
+    from radnet.interop import torch_reference
+    from radnet.models import heads
+    assert torch_reference.HISTOGRAM_FLOOR == heads.HISTOGRAM_FLOOR
+    assert torch_reference.HISTOGRAM_HALF_RANGE == heads.HISTOGRAM_HALF_RANGE
+
+
 def test_to_monai_names_what_it_leaves_out(tmp_path):
     """A radnet model (encoder + heads) of the medicalnet variant: the encoder goes to MONAI,
     the heads are named, not dropped in silence."""
