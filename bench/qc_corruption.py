@@ -200,7 +200,7 @@ def main(argv=None):
     c.add_argument("--index", required=True)
     c.add_argument("--dicom_root", required=True)
     c.add_argument("--out", required=True)
-    c.add_argument("--split", default="test")
+    c.add_argument("--split", default="test", choices=("train", "val", "test"))
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--contrast", type=int, default=4)
     c.add_argument("--sequence", type=int, default=4)
@@ -209,7 +209,17 @@ def main(argv=None):
     s.add_argument("--out", required=True)
     s.add_argument("--predictions", required=True)
     args = parser.parse_args(argv)
-    print(json.dumps(corrupt(args) if args.command == "corrupt" else score(args)))
+    try:
+        result = corrupt(args) if args.command == "corrupt" else score(args)
+    except FileNotFoundError as e:
+        # A wrong --index / --out / --predictions: one line, not a traceback.
+        hint = ("--index must be a data_prep.index output folder" if args.command == "corrupt"
+                else "--out must be the corrupt step's folder, --predictions a predict run's "
+                     "predictions.csv")
+        print(f"qc_corruption {args.command}: error: {e.filename} not found ({hint})",
+              file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

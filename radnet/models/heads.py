@@ -78,8 +78,8 @@ HISTOGRAM_HALF_RANGE = -math.log(HISTOGRAM_FLOOR) / 2.0
 
 def intensity_histogram(x, bins: int):
     """``x [B, D, H, W, 1]`` in [0, 1] → ``[B, bins]``: the logarithm of the share of
-    voxels near each of ``bins`` evenly spaced grey levels, scaled to [−1, 1] (triangular bins: a voxel splits
-    between its two nearest centres).
+    voxels near each of ``bins`` evenly spaced grey levels, scaled to [−1, 1] (triangular
+    bins: a voxel splits between its two nearest centres).
 
     An input to the heads beside the pooled embedding when ``RadNet.intensity_bins`` > 0:
     in CT, contrast enhancement is a few per cent of the voxels (blood, enhancing organs)
@@ -94,4 +94,4 @@ def intensity_histogram(x, bins: int):
     centres = (jnp.arange(bins, dtype=jnp.float32) + 0.5) / bins
     weight = jnp.maximum(0.0, 1.0 - jnp.abs(x[..., None] - centres) * bins)
     share = jnp.mean(weight, axis=tuple(range(1, x.ndim)))
-    return jnp.log(share + HISTOGRAM_FLOOR) / HISTOGRAM_HALF_RANGE + 1.0  # share 0 → −1, 1 → +1
+    return jnp.log(share + HISTOGRAM_FLOOR) / HISTOGRAM_HALF_RANGE + 1.0
