@@ -4,6 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.radnet-installed
+NATIVE := radnet/native/_onednn_conv3d.so
 
 .PHONY: test demo venv clean-demo
 
@@ -14,12 +15,17 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-venv: $(STAMP)
+# oneDNN's 3D convolutions for the CPU (radnet/native). Where they cannot be built
+# (no C++ compiler, not x86-64 Linux) radnet runs XLA's own convolutions: slower, same numbers.
+$(NATIVE): radnet/native/onednn_conv3d.cc $(STAMP)
+	-$(PY) -m radnet.native
 
-test: $(STAMP)
+venv: $(STAMP) $(NATIVE)
+
+test: venv
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q --durations=15 tests
 
-demo: $(STAMP)
+demo: venv
 	PYTHON=$(PY) bash launch/demo.sh
 
 clean-demo:

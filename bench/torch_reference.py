@@ -24,7 +24,8 @@ per case and mode; ``ratio`` = radnet / PyTorch step time (< 1: radnet faster).
 GFLOP per step: PyTorch's ``FlopCounterMode`` on the PyTorch twin (the same arithmetic as
 radnet's network), so ``ms_per_gflop`` compares like with like.
 ``--conv=plain`` times radnet with the plain XLA convolutions (RADNET_CONV=plain), the
-"before" of radnet/models/conv.py.
+"before" of radnet/models/conv.py; ``--conv=xla`` with the XLA rewrites but without
+oneDNN (RADNET_CONV=xla).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ flags.DEFINE_float("max_load", 0.0, "When > 0: before each timed round wait (up 
 flags.DEFINE_integer("max_wait_s", 180, "Longest wait for --max_load per round.")
 flags.DEFINE_integer("threads", 0, "Threads for both frameworks; 0 = all cores.")
 flags.DEFINE_integer("depth", 50, "ResNet depth (50: the paper's).")
-flags.DEFINE_enum("conv", "auto", ["auto", "plain"], "radnet's convolution formulations "
-                  "(radnet/models/conv.py): auto (CPU rewrites) or plain XLA convolutions.")
+flags.DEFINE_enum("conv", "auto", ["auto", "xla", "plain"], "radnet's convolution formulations "
+                  "(radnet/models/conv.py): auto (oneDNN where built, else the XLA rewrites), xla "
+                  "(the XLA rewrites only) or plain (XLA's own convolutions).")
 flags.DEFINE_bool("monai", True, "Also time MONAI's VNet for vnet cases when importable.")
 FLAGS = flags.FLAGS
 

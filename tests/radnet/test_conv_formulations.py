@@ -9,14 +9,19 @@ convolution (and its vector-Jacobian product) of |x|, |kernel| and |cotangent|. 
 wrong tap, flip, padding or channel order errs by O(Σ|terms|), far above that bound.
 """
 
+import os
+import platform
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from radnet import models
-from radnet.models import conv
+from radnet import models, native
+from radnet.models import conv, resnet3d
 
 EPS32 = 2.0 ** -24
 
@@ -42,17 +47,20 @@ def _check_against(plain_fn, fn, x, params, cotangent):
     y_abs, grads_abs = value_and_vjp(plain_fn)(jnp.abs(x), jax.tree.map(jnp.abs, params),
                                                jnp.abs(cotangent))
     kernel = params["params"]["kernel"]
-    num_terms = max(int(np.prod(kernel.shape[:-1])) + 1, int(np.prod(kernel.shape[:3])) *
-                    kernel.shape[-1], int(np.prod(y.shape[:-1])))
+    # An output sums taps·C_in products (+ bias); an input gradient taps·F; a kernel
+    # gradient one per output position.
+    terms_y = int(np.prod(kernel.shape[:-1])) + 1
+    num_terms = max(terms_y, int(np.prod(kernel.shape[:3])) * kernel.shape[-1],
+                    int(np.prod(y.shape[:-1])))
     np.testing.assert_array_less(np.abs(np.asarray(y - y_ref)),
-                                 np.asarray(_bound(num_terms, y_abs)) + 1e-30)
+                                 np.asarray(_bound(terms_y, y_abs)) + 1e-30)
     for g, g_ref, g_abs in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref),
                                jax.tree.leaves(grads_abs)):
         assert g.shape == g_ref.shape
         np.testing.assert_array_less(np.abs(np.asarray(g - g_ref)),
                                      np.asarray(_bound(num_terms, g_abs)) + 1e-30)
     # The bound is not vacuous: the outputs are far from zero compared with it.
-    assert float(jnp.max(jnp.abs(y_ref))) > 1e3 * float(jnp.max(_bound(num_terms, y_abs)))
+    assert float(jnp.max(jnp.abs(y_ref))) > 1e3 * float(jnp.max(_bound(terms_y, y_abs)))
 
 
 # (input shape [B, D, H, W, C], kernel, padding, bias): maps larger and smaller than the
@@ -118,20 +126,95 @@ def test_up_conv_equals_nn_conv_transpose(factor):
 
 
 def test_choice_follows_shapes_and_backend(monkeypatch):
-    choose = lambda spatial, k=(3, 3, 3), s=(1, 1, 1), d=(1, 1, 1): conv.choose(
-        spatial, k, s, d, allow_rewrites=True)
+    # Without oneDNN (RADNET_CONV=xla, or the library not built): the XLA rewrites.
+    choose = lambda spatial, k=(3, 3, 3), s=(1, 1, 1), d=(1, 1, 1), **kw: conv.choose(
+        spatial, k, s, d, allow_rewrites=True, allow_onednn=False, **kw)
     assert choose((8, 32, 32)) == "depth_folded"        # block1 of a 16×64×64 input
     assert choose((1, 2, 2)) == "im2col"                # block4: a map smaller than the kernel
     assert choose((8, 32, 32), (1, 1, 1)) == "pointwise"
     assert choose((8, 32, 32), s=(2, 2, 2)) == "plain"  # strided 3×3×3: plain
     assert choose((8, 32, 32), d=(2, 2, 2)) == "plain"  # dilated (Med3D): plain
+    # With oneDNN: every float32 undilated convolution but the smallest maps.
+    choose1 = lambda spatial, k=(3, 3, 3), s=(1, 1, 1), d=(1, 1, 1), **kw: conv.choose(
+        spatial, k, s, d, allow_rewrites=True, allow_onednn=True, **kw)
+    assert choose1((8, 32, 32)) == "onednn"
+    assert choose1((6, 6, 6)) == "onednn"               # block3 of 48×96×96: 216 voxels
+    assert choose1((3, 6, 6)) == "im2col"               # 108 voxels: im2col is faster
+    assert choose1((1, 2, 2)) == "im2col"
+    assert choose1((8, 32, 32), (1, 1, 1)) == "onednn"
+    assert choose1((8, 32, 32), s=(2, 2, 2)) == "onednn"
+    assert choose1((48, 96, 96), (3, 7, 7), s=(1, 2, 2)) == "onednn"   # the radnet stem
+    assert choose1((8, 32, 32), d=(2, 2, 2)) == "plain"  # dilation: not wired to oneDNN
+    assert choose1((8, 32, 32), dtype=jnp.bfloat16) == "depth_folded"  # oneDNN: float32 only
     assert conv.choose((8, 32, 32), (3, 3, 3), (1, 1, 1), (1, 1, 1),
                        allow_rewrites=False) == "plain"  # GPU/TPU
     monkeypatch.setenv(conv.ENV_VAR, "plain")
     assert conv.choose((8, 32, 32), (3, 3, 3), (1, 1, 1), (1, 1, 1)) == "plain"
-    monkeypatch.setenv(conv.ENV_VAR, "auto")
+    monkeypatch.setenv(conv.ENV_VAR, "xla")
     expected = "depth_folded" if jax.default_backend() == "cpu" else "plain"
     assert conv.choose((8, 32, 32), (3, 3, 3), (1, 1, 1), (1, 1, 1)) == expected
+    monkeypatch.setenv(conv.ENV_VAR, "auto")
+    if jax.default_backend() == "cpu":
+        expected = "onednn" if native.available() else "depth_folded"
+    assert conv.choose((8, 32, 32), (3, 3, 3), (1, 1, 1), (1, 1, 1)) == expected
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux",
+                    reason="the onednn-cpu-gomp wheels exist for x86-64 Linux only")
+def test_onednn_library_is_built_here():
+    """`make venv` builds radnet/native; a silent fall-back to XLA's convolutions would
+    make every CPU step 2–5× slower, so the test environment must have it."""
+    assert native.available(), f"{native.LIBRARY} missing: run `python -m radnet.native`"
+
+
+def test_native_build_failure_is_one_line_and_exit_2(tmp_path):
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"))
+    done = subprocess.run([sys.executable, "-m", "radnet.native"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not built" in lines[0] and "no-such-compiler" in lines[0]
+
+
+# Strided and asymmetrically padded convolutions (oneDNN takes them; the XLA rewrites do
+# not): TensorFlow SAME with stride 2 on even sizes pads (0, 1), MedicalNet's strided
+# 7×7×7 stem pads (3, 3), the radnet stem (3, 7, 7) with stride (1, 2, 2), VALID.
+STRIDED = [
+    ((2, 6, 8, 7, 3), (3, 3, 3), (2, 2, 2), "SAME"),
+    ((1, 8, 9, 8, 1), (7, 7, 7), (2, 2, 2), ((3, 3), (3, 3), (3, 3))),
+    ((1, 4, 12, 10, 1), (3, 7, 7), (1, 2, 2), "SAME"),
+    ((2, 5, 6, 7, 3), (3, 3, 3), (1, 1, 1), "VALID"),
+    ((2, 5, 6, 4, 3), (1, 1, 1), (2, 2, 2), "SAME"),
+]
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", STRIDED)
+def test_onednn_strided_and_padded_equal_nn_conv(shape, kernel, strides, padding):
+    if not native.available():
+        pytest.skip("radnet/native not built (checked by test_onednn_library_is_built_here)")
+    rng = np.random.default_rng(sum(shape) + sum(strides))
+    x = _rand(rng, shape)
+    plain = nn.Conv(4, kernel, strides=strides, padding=padding, use_bias=False)
+    params = plain.init(jax.random.key(0), x)
+    layer = conv.Conv3D(4, kernel, strides=strides, padding=padding, use_bias=False,
+                        formulation="onednn")
+    _check_against(lambda x, p: plain.apply(p, x), lambda x, p: layer.apply(p, x), x, params,
+                   _rand(rng, plain.apply(params, x).shape))
+
+
+def test_stem_is_the_same_with_onednn_and_depth_folding(monkeypatch):
+    """The radnet stem (SliceFoldedConv) takes oneDNN when built, the folded 2D
+    convolution otherwise: same parameter, both equal to nn.Conv."""
+    rng = np.random.default_rng(11)
+    x = _rand(rng, (2, 4, 12, 10, 1))
+    plain = nn.Conv(6, (3, 7, 7), strides=(1, 2, 2), padding="SAME", use_bias=False)
+    params = plain.init(jax.random.key(0), x)
+    stem = resnet3d.SliceFoldedConv(6, (3, 7, 7), (1, 2, 2))
+    ct = _rand(rng, plain.apply(params, x).shape)
+    for setting in ("auto", "xla"):
+        monkeypatch.setenv(conv.ENV_VAR, setting)
+        _check_against(lambda x, p: plain.apply(p, x), lambda x, p: stem.apply(p, x), x,
+                       params, ct)
 
 
 def test_model_same_with_and_without_rewrites(monkeypatch):
@@ -169,8 +252,9 @@ def test_model_same_with_and_without_rewrites(monkeypatch):
 
 def test_padding_that_shrinks_the_map_takes_the_plain_path(monkeypatch):
     """depth_folded and im2col assume output size = input size; VALID padding must not
-    reach them (auto falls back to plain) and asking for them by name is an error."""
-    monkeypatch.setenv(conv.ENV_VAR, "auto")
+    reach them (without oneDNN auto falls back to plain) and asking for them by name is an
+    error. (oneDNN takes any padding: test_onednn_strided_and_padded_equal_nn_conv.)"""
+    monkeypatch.setenv(conv.ENV_VAR, "xla")
     x = _rand(np.random.default_rng(5), (1, 5, 6, 7, 3))
     plain = nn.Conv(4, (3, 3, 3), padding="VALID")
     params = plain.init(jax.random.key(0), x)
