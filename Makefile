@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.radnet-installed
-NATIVE := radnet/native/_onednn_conv3d.so
+NATIVE := radnet/native/build/onednn_conv3d.so
 
 .PHONY: test demo venv clean-demo
 

@@ -16,7 +16,8 @@ radnet.train.losses (masked cross-entropies, sigmoid BCE, spacing RMSE; VNet: vo
 softmax cross-entropy), global-norm clipping at 1, Adam 1e-4. Forward: inference mode.
 
 Fairness: both frameworks use ``--threads`` threads (default: all cores;
-``torch.set_num_threads`` and XLA's ``intra_op_parallelism_threads``); every case is
+``torch.set_num_threads``, XLA's ``intra_op_parallelism_threads`` and, for radnet's oneDNN
+convolutions, ``OMP_NUM_THREADS``); every case is
 compiled / warmed up first, then rounds alternate radnet and PyTorch step by step so a
 change of load hits both alike; the median of each side counts; ``load_avg_1m`` is read
 before every round and the largest is printed (measure with it under 1.5). One JSON line
@@ -65,6 +66,7 @@ def _setup_threads(threads: int) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_cpu_multi_thread_eigen=true "
                                f"intra_op_parallelism_threads={threads}").strip()
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # oneDNN's OpenMP (radnet/native)
     return threads
 
 

@@ -9,7 +9,7 @@ is not built (no compiler, no oneDNN), :func:`available` is False and
 Build: ``python -m radnet.native`` (``make venv`` runs it). It compiles
 ``onednn_conv3d.cc`` against the oneDNN of the ``onednn-devel-cpu-gomp`` wheel in the
 environment (headers in ``<prefix>/include``, ``libdnnl.so`` in ``<prefix>/lib``) and
-JAX's FFI headers, into ``_onednn_conv3d.so`` beside this file. Threads: oneDNN's
+JAX's FFI headers, into ``build/onednn_conv3d.so`` beside this file. Threads: oneDNN's
 OpenMP uses ``OMP_NUM_THREADS`` (default: every core), like PyTorch.
 """
 
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = Path(__file__).with_name("onednn_conv3d.cc")
-LIBRARY = Path(__file__).with_name("_onednn_conv3d.so")
+# In a folder without __init__.py: not a Python module, so package walks skip it.
+LIBRARY = Path(__file__).with_name("build") / "onednn_conv3d.so"
 TARGETS = {"radnet_conv3d_fwd": "RadnetConv3dForward",
            "radnet_conv3d_bwd_data": "RadnetConv3dBackwardData",
            "radnet_conv3d_bwd_weights": "RadnetConv3dBackwardWeights"}
@@ -46,6 +47,7 @@ def build(compiler: str | None = None) -> Path:
         raise RuntimeError(f"oneDNN headers not found under {prefix / 'include'}; install "
                            f"onednn-devel-cpu-gomp (requirements.txt)")
     compiler = compiler or os.environ.get("CXX", "g++")
+    LIBRARY.parent.mkdir(exist_ok=True)
     tmp = LIBRARY.with_suffix(f".{os.getpid()}.tmp")
     cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
            "-isystem", jax.ffi.include_dir(), "-isystem", str(prefix / "include"),

@@ -7,11 +7,18 @@ import sys
 
 from radnet import native
 
-try:
-    path = native.build()
-except RuntimeError as e:
-    first = str(e).splitlines()[0]
-    print(f"radnet.native: not built ({first}); the CPU will use XLA's convolutions",
-          file=sys.stderr)
-    sys.exit(2)
-print(f"radnet.native: built {path}")
+
+def main() -> int:
+    try:
+        path = native.build()
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        print(f"radnet.native: not built ({first}); the CPU will use XLA's convolutions",
+              file=sys.stderr)
+        return 2
+    print(f"radnet.native: built {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
