@@ -83,7 +83,27 @@ def available() -> bool:
     return True
 
 
-def _call(target, shape, dtype, a, b, strides, pads):
+def _result(shape, dtype, batch_like):
+    """The result type; under explicit sharding (``jax.sharding.AxisType.Explicit``, as
+    evaluation runs) a custom call's result must carry a sharding: the batch axis of
+    ``batch_like`` for activations, replicated for a kernel gradient (``batch_like``
+    None). XLA gathers a custom call's operands where they are split over devices."""
+    import jax  # noqa: PLC0415
+    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+    like = batch_like
+    if like is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    sharding = getattr(jax.typeof(like), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    spec = PartitionSpec(sharding.spec[0] if len(sharding.spec) else None,
+                         *([None] * (len(shape) - 1)))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _call(target, shape, dtype, a, b, strides, pads, batch_like):
     import jax  # noqa: PLC0415
 
     if not available():
@@ -91,7 +111,7 @@ def _call(target, shape, dtype, a, b, strides, pads):
                            f"or not loadable): run `python -m radnet.native`")
     lo = np.asarray([p[0] for p in pads], np.int64)
     hi = np.asarray([p[1] for p in pads], np.int64)
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype))(
+    return jax.ffi.ffi_call(target, _result(shape, dtype, batch_like))(
         a, b, strides=np.asarray(strides, np.int64), pads_lo=lo, pads_hi=hi)
 
 
@@ -100,16 +120,16 @@ def conv3d_forward(x, kernel, strides, pads):
     out = [(n + lo + hi - k) // s + 1
            for n, (lo, hi), k, s in zip(x.shape[1:4], pads, kernel.shape[:3], strides)]
     return _call("radnet_conv3d_fwd", (x.shape[0], *out, kernel.shape[-1]), x.dtype,
-                 x, kernel, strides, pads)
+                 x, kernel, strides, pads, batch_like=x)
 
 
 def conv3d_backward_data(dy, kernel, x_shape, strides, pads):
     """The input gradient of :func:`conv3d_forward` for the output cotangent ``dy``."""
     return _call("radnet_conv3d_bwd_data", tuple(x_shape), dy.dtype, dy, kernel, strides,
-                 pads)
+                 pads, batch_like=dy)
 
 
 def conv3d_backward_weights(x, dy, kernel_shape, strides, pads):
     """The kernel gradient of :func:`conv3d_forward` for the output cotangent ``dy``."""
     return _call("radnet_conv3d_bwd_weights", tuple(kernel_shape), x.dtype, x, dy, strides,
-                 pads)
+                 pads, batch_like=None)

@@ -262,3 +262,30 @@ def test_padding_that_shrinks_the_map_takes_the_plain_path(monkeypatch):
                                   plain.apply(params, x))
     with pytest.raises(ValueError, match="size-keeping padding"):
         conv.Conv3D(4, (3, 3, 3), padding="VALID", formulation="im2col").apply(params, x)
+
+
+def test_onednn_under_explicit_sharding_keeps_the_batch_axis():
+    """Evaluation shards its batch over an explicit mesh (jax.make_mesh's default axis
+    type); a custom call's result must say how it is sharded, or joining it with
+    batch-sharded values (the heads' histogram features) is a sharding type error."""
+    if not native.available():
+        pytest.skip("radnet/native not built (checked by test_onednn_library_is_built_here)")
+    mesh = jax.make_mesh((1,), ("data",))
+    x = jax.device_put(_rand(np.random.default_rng(2), (2, 4, 6, 5, 3)),
+                       jax.sharding.NamedSharding(mesh, jax.P("data")))
+    layer = conv.Conv3D(4, (3, 3, 3), use_bias=False, formulation="onednn")
+    params = layer.init(jax.random.key(0), x)
+
+    def f(p, x):
+        y = layer.apply(p, x)
+        return jnp.concatenate([y.mean(axis=(1, 2, 3)), x.mean(axis=(1, 2, 3))], axis=-1)
+
+    with jax.set_mesh(mesh):
+        out = jax.jit(f)(params, x)
+        grads = jax.jit(jax.grad(lambda p, x: f(p, x).sum()))(params, x)
+    assert out.shape == (2, 7)
+    plain = nn.Conv(4, (3, 3, 3), use_bias=False)
+    ref = jnp.concatenate([plain.apply(params, x).mean(axis=(1, 2, 3)),
+                           x.mean(axis=(1, 2, 3))], axis=-1)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    assert grads["params"]["kernel"].shape == (3, 3, 3, 3, 4)
