@@ -390,7 +390,8 @@ class ResNet3D(nn.Module):
         radnet = self.variant == "radnet"
         if radnet:
             # Reference code: MaxPool3D(2) 'valid' after the stem and between stages.
-            pool = lambda t: nn.max_pool(t, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+            # conv.max_pool: nn.max_pool, with a gradient fast on XLA:CPU.
+            pool = lambda t: conv.max_pool(t, (2, 2, 2), (2, 2, 2), "VALID")
         else:
             pool = lambda t: nn.max_pool(t, (3, 3, 3), strides=(2, 2, 2),
                                          padding=((1, 1), (1, 1), (1, 1)))

@@ -289,3 +289,30 @@ def test_onednn_under_explicit_sharding_keeps_the_batch_axis():
                            x.mean(axis=(1, 2, 3))], axis=-1)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
     assert grads["params"]["kernel"].shape == (3, 3, 3, 3, 4)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 4, 3), (1, 5, 7, 9, 2)])  # even; odd (VALID drops)
+def test_max_pool_reshaped_equals_nn_max_pool(shape):
+    """The CPU form of radnet's 2×2×2 pool: outputs identical; gradients identical on
+    maps without ties, and with tied maxima each window passes on the same total."""
+    rng = np.random.default_rng(sum(shape))
+    x = _rand(rng, shape)
+    ref = lambda x: nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+    fast = lambda x: conv.max_pool(x, (2, 2, 2), (2, 2, 2), "VALID", allow_rewrites=True)
+    y, y_ref = jax.jit(fast)(x), jax.jit(ref)(x)
+    np.testing.assert_array_equal(y, y_ref)
+    ct = _rand(rng, y.shape)
+    grad = lambda f, x: jax.jit(lambda x: jax.vjp(f, x)[1](ct)[0])(x)
+    np.testing.assert_array_equal(grad(fast, x), grad(ref, x))
+    # Ties (a ReLU'd map with flat regions): per window, the gradient sums agree.
+    tied = jnp.round(jnp.maximum(x, 0) * 2) / 2
+    g, g_ref = grad(fast, tied), grad(ref, tied)
+    window_sum = lambda g: jax.jit(
+        lambda g: g[:, :shape[1] // 2 * 2, :shape[2] // 2 * 2, :shape[3] // 2 * 2].reshape(
+            shape[0], shape[1] // 2, 2, shape[2] // 2, 2, shape[3] // 2, 2, shape[4]
+        ).sum(axis=(2, 4, 6)))(g)
+    np.testing.assert_allclose(window_sum(g), window_sum(g_ref), rtol=1e-6, atol=1e-6)
+    assert int(jnp.sum((g != g_ref))) > 0  # the tie case is exercised
+    # Elsewhere than the CPU (allow_rewrites False), nn.max_pool itself.
+    np.testing.assert_array_equal(
+        conv.max_pool(x, (2, 2, 2), (2, 2, 2), "VALID", allow_rewrites=False), y_ref)
