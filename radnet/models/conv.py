@@ -268,7 +268,9 @@ def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
     b, c = x.shape[0], x.shape[-1]
     out = [n // k for n, k in zip(x.shape[1:4], window)]
     x = x[:, :out[0] * window[0], :out[1] * window[1], :out[2] * window[2]]
-    x = x.reshape(b, out[0], window[0], out[1], window[1], out[2], window[2], c)
+    from radnet import native  # noqa: PLC0415  (no library needed: a sharding helper)
+    shape = (b, out[0], window[0], out[1], window[1], out[2], window[2], c)
+    x = jax.lax.reshape(x, shape, out_sharding=native.batch_sharding(x, len(shape)))
     return x.max(axis=(2, 4, 6))
 
 

@@ -316,3 +316,17 @@ def test_max_pool_reshaped_equals_nn_max_pool(shape):
     # Elsewhere than the CPU (allow_rewrites False), nn.max_pool itself.
     np.testing.assert_array_equal(
         conv.max_pool(x, (2, 2, 2), (2, 2, 2), "VALID", allow_rewrites=False), y_ref)
+
+
+def test_max_pool_under_explicit_sharding():
+    """The reshaped pool under evaluation's explicit batch sharding (a general reshape must
+    state its output sharding there)."""
+    mesh = jax.make_mesh((1,), ("data",))
+    x = jax.device_put(_rand(np.random.default_rng(4), (2, 4, 6, 4, 3)),
+                       jax.sharding.NamedSharding(mesh, jax.P("data")))
+    fast = jax.jit(lambda x: conv.max_pool(x, (2, 2, 2), (2, 2, 2), "VALID",
+                                           allow_rewrites=True))
+    with jax.set_mesh(mesh):
+        y = fast(x)
+    np.testing.assert_array_equal(
+        y, nn.max_pool(jnp.asarray(np.asarray(x)), (2, 2, 2), strides=(2, 2, 2)))
