@@ -59,7 +59,8 @@ def build(compiler: str | None = None) -> Path:
         raise RuntimeError(f"cannot run {compiler}: {e}") from e
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{compiler} failed:\n{done.stderr.strip()}")
+        errors = [line for line in done.stderr.splitlines() if "error" in line]
+        raise RuntimeError(f"{compiler} failed: {(errors or [done.stderr.strip()])[0]}")
     tmp.replace(LIBRARY)  # atomic: a concurrent loader sees the old file or the new one
     return LIBRARY
 

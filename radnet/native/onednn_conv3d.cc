@@ -65,24 +65,25 @@ std::shared_ptr<Plan> MakePlan(const Key& key) {
   auto fwd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, plan->src,
       wei_any, plan->dst, strides, lo, hi, attr);
+  // The primitive, its scratchpad and the kernel layout it wants.
+  auto take = [&plan](auto pd, const memory::desc& wei_prim, auto make) {
+    plan->wei_prim = wei_prim;
+    plan->scratch = pd.scratchpad_desc();
+    plan->prim = make(pd);
+  };
   if (kind == kForward) {
-    plan->wei_prim = fwd.weights_desc();
-    plan->scratch = fwd.scratchpad_desc();
-    plan->prim = dnnl::convolution_forward(fwd);
+    take(fwd, fwd.weights_desc(), [](auto pd) { return dnnl::convolution_forward(pd); });
   } else if (kind == kBackwardData) {
     auto bwd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, plan->src, wei_any, plan->dst, strides, lo,
         hi, fwd, attr);
-    plan->wei_prim = bwd.weights_desc();
-    plan->scratch = bwd.scratchpad_desc();
-    plan->prim = dnnl::convolution_backward_data(bwd);
+    take(bwd, bwd.weights_desc(), [](auto pd) { return dnnl::convolution_backward_data(pd); });
   } else {
     auto bwd = dnnl::convolution_backward_weights::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, plan->src, wei_any, plan->dst, strides, lo,
         hi, fwd, attr);
-    plan->wei_prim = bwd.diff_weights_desc();
-    plan->scratch = bwd.scratchpad_desc();
-    plan->prim = dnnl::convolution_backward_weights(bwd);
+    take(bwd, bwd.diff_weights_desc(),
+         [](auto pd) { return dnnl::convolution_backward_weights(pd); });
   }
   plan->reorder = plan->wei_prim != plan->wei_user;
   if (plan->reorder) {
