@@ -77,9 +77,7 @@ def _rewrites_allowed() -> bool:
 def onednn_available() -> bool:
     """oneDNN's convolutions may be used: CPU backend, ``RADNET_CONV`` not ``plain`` or
     ``xla``, and radnet/native built."""
-    if os.environ.get(ENV_VAR, "auto").lower() in ("plain", "xla"):
-        return False
-    if jax.default_backend() != "cpu":
+    if not _rewrites_allowed() or os.environ.get(ENV_VAR, "auto").lower() == "xla":
         return False
     from radnet import native  # noqa: PLC0415
     return native.available()
@@ -268,9 +266,9 @@ def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
     b, c = x.shape[0], x.shape[-1]
     out = [n // k for n, k in zip(x.shape[1:4], window)]
     x = x[:, :out[0] * window[0], :out[1] * window[1], :out[2] * window[2]]
-    from radnet import native  # noqa: PLC0415  (no library needed: a sharding helper)
+    from radnet.train import sharding  # noqa: PLC0415
     shape = (b, out[0], window[0], out[1], window[1], out[2], window[2], c)
-    x = jax.lax.reshape(x, shape, out_sharding=native.batch_sharding(x, len(shape)))
+    x = jax.lax.reshape(x, shape, out_sharding=sharding.traced_batch_sharding(x, len(shape)))
     return x.max(axis=(2, 4, 6))
 
 

@@ -84,30 +84,15 @@ def available() -> bool:
     return True
 
 
-def batch_sharding(like, ndim: int):
-    """Under explicit sharding (``jax.sharding.AxisType.Explicit``, as evaluation runs), the
-    sharding of an ``ndim``-dimensional result split like ``like``'s batch axis and
-    replicated otherwise; None when ``like`` carries no explicit sharding. Results of custom
-    calls and general reshapes must state it there."""
-    import jax  # noqa: PLC0415
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: PLC0415
-
-    sharding = getattr(jax.typeof(like), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
-        return None
-    spec = sharding.spec
-    return NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None,
-                                             *([None] * (ndim - 1))))
-
-
 def _result(shape, dtype, batch_like):
     """The result type: for activations the batch sharding of ``batch_like`` under explicit
-    sharding (:func:`batch_sharding`); a kernel gradient (``batch_like`` None) replicated.
-    XLA gathers a custom call's operands where they are split over devices."""
+    sharding (``sharding.traced_batch_sharding``); a kernel gradient (``batch_like`` None)
+    replicated. XLA gathers a custom call's operands where they are split over devices."""
     import jax  # noqa: PLC0415
 
-    sharding = None if batch_like is None else batch_sharding(batch_like, len(shape))
+    from radnet.train import sharding as sharding_lib  # noqa: PLC0415
+    sharding = (None if batch_like is None
+                else sharding_lib.traced_batch_sharding(batch_like, len(shape)))
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 

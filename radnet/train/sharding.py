@@ -46,6 +46,22 @@ def batch_sharding(mesh, batch_axes: Sequence[str] = ("data",)) -> NamedSharding
     return NamedSharding(mesh, jax.P(tuple(batch_axes)))
 
 
+def traced_batch_sharding(like, ndim: int):
+    """Under explicit sharding (``jax.sharding.AxisType.Explicit``, as evaluation runs), the
+    sharding of an ``ndim``-dimensional result split like ``like``'s batch axis and
+    replicated otherwise; None when ``like`` carries no explicit sharding. Results of custom
+    calls and general reshapes must state it there."""
+    from jax.sharding import AxisType, PartitionSpec  # noqa: PLC0415
+
+    sharding = getattr(jax.typeof(like), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    spec = sharding.spec
+    return NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None,
+                                             *([None] * (ndim - 1))))
+
+
 def batch_divisor(mesh, batch_axes: Sequence[str] = ("data",)) -> int:
     return int(np.prod([mesh.shape[a] for a in batch_axes]))
 
