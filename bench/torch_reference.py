@@ -71,8 +71,15 @@ def _setup_threads(threads: int) -> int:
 
 
 def _parse_case(text):
-    model, shape, batch = text.split(":")
-    return model, tuple(int(s) for s in shape.lower().split("x")), int(batch)
+    try:
+        model, shape, batch = text.split(":")
+        dims = tuple(int(s) for s in shape.lower().split("x"))
+        if len(dims) != 3 or model not in ("resnet50", "vnet"):
+            raise ValueError
+        return model, dims, int(batch)
+    except ValueError:
+        raise app.UsageError(f"--cases: {text!r} is not model:DxHxW:batch with model "
+                             f"resnet50 or vnet (e.g. resnet50:48x96x96:2)") from None
 
 
 # ---------------------------------------------------------------- PyTorch side
@@ -186,7 +193,7 @@ def _build(model_name, shape, batch, threads):
         keys = pretrain.TRAIN_KEYS
         train_fn = pretrain.make_train_step(model, optimizer, weights, None)
         tmodel = TorchRadNet(depth)
-    elif model_name == "vnet":
+    else:  # vnet (_parse_case admits only the two)
         model = models.VNet(depth=depth)
         keys = ("volume", "mask")
 
@@ -205,8 +212,6 @@ def _build(model_name, shape, batch, threads):
                                                                              updates),
                      "batch_stats": stats, "opt_state": opt_state}, {"loss": loss})
         tmodel = TorchVNet(depth)
-    else:
-        raise app.UsageError(f"unknown model {model_name!r} in --cases; use resnet50 or vnet")
 
     jbatch = {k: jnp.asarray(data[k]) for k in keys}
     x0 = pretrain.model_inputs(jbatch["volume"])
@@ -310,8 +315,8 @@ def main(argv):
     threads = _setup_threads(FLAGS.threads)
     import jax  # noqa: PLC0415  (after XLA_FLAGS)
     jax.config.update("jax_platforms", "cpu")
-    for text in FLAGS.cases:
-        model_name, shape, batch = _parse_case(text)
+    cases = [_parse_case(text) for text in FLAGS.cases]  # every mistake before any work
+    for model_name, shape, batch in cases:
         sides, extra, info = _build(model_name, shape, batch, threads)
         for mode in FLAGS.modes:
             ours, theirs = sides[mode]
@@ -356,4 +361,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from radnet import cli  # noqa: PLC0415
+
+    # One line and exit 2 for a wrong flag (radnet's own command lines do the same).
+    cli.run(main, user_errors=(ValueError,))  # e.g. a volume too small for the encoder
