@@ -364,4 +364,4 @@ if __name__ == "__main__":
     from radnet import cli  # noqa: PLC0415
 
     # One line and exit 2 for a wrong flag (radnet's own command lines do the same).
-    cli.run(main, user_errors=(ValueError,))  # e.g. a volume too small for the encoder
+    cli.run(main, user_errors=(ValueError,), keep_host_memory=True)  # e.g. a volume too small for the encoder

@@ -24,6 +24,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags  # is_config_flag is not re-exported
 
+from radnet import host_memory
+
 DEBUG_ENV = "RADNET_DEBUG"
 
 _DEBUG = flags.DEFINE_bool(
@@ -198,13 +200,23 @@ def quiet_libraries() -> None:
 
 def run(main: Callable[[list[str]], int | None],
         define_flags: Callable[[], None] | None = None,
-        user_errors: tuple[type[BaseException], ...] = ()) -> None:
+        user_errors: tuple[type[BaseException], ...] = (),
+        keep_host_memory: bool = False) -> None:
     """``absl.app.run(main)`` with one-line errors and quiet libraries.
+
+    ``keep_host_memory``: for command lines that run models; the program starts itself once
+    more with glibc's malloc tunables of :mod:`radnet.host_memory` (before anything else, so
+    nothing is done twice but the imports).
 
     Flag-parsing failures and ``app.UsageError`` (a missing required flag) become one line
     and exit 2; so do ``user_errors`` raised by ``main``, besides ``UserError`` and the
     missing-path errors (FileNotFoundError, NotADirectoryError), unless --debug.
     """
+    if keep_host_memory:
+        try:
+            host_memory.restart_with_tunables()
+        except ValueError as err:  # a misspelt RADNET_HOST_MEMORY
+            fail(describe(err), host_memory.ENV_VAR)
     if define_flags is not None:
         # A config flag with a default file loads it, and applies --config.x overrides from
         # sys.argv, as it is defined: its mistakes show up here.

@@ -157,4 +157,4 @@ def main(argv):
 
 if __name__ == "__main__":
     __doc__ = usage()  # absl's --help prints the main module's docstring
-    cli.run(main)
+    cli.run(main, keep_host_memory=True)

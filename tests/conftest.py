@@ -16,3 +16,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="radnet-test-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Command lines that run models restart themselves once with glibc's malloc tunables
+# (radnet/host_memory.py); the suite's many short subprocesses skip that restart (~1 s each).
+# tests/radnet/test_host_memory.py runs the restart and measures what it does.
+os.environ.setdefault("RADNET_HOST_MEMORY", "system")

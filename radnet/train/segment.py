@@ -704,4 +704,4 @@ if __name__ == "__main__":
     flags.DEFINE_enum("split", "test", ["val", "test"], "Which split's summary to print.")
     from radnet import cli  # one-line errors, quiet libraries
 
-    cli.run(main)
+    cli.run(main, keep_host_memory=True)
