@@ -184,7 +184,7 @@ def _build(model_name, shape, batch, threads):
     torch.manual_seed(0)
     weights = dict(sequence=1.0, view=1.0, contrast=1.0, coverage=1.0, slice_spacing=0.1)
     data = _batch_np(shape, batch, np.random.default_rng(0), np, labels)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4))
+    optimizer = optax.chain(state_lib.clip_by_global_norm(1.0), optax.adam(1e-4))
     TorchRadNet, TorchVNet = _torch_models(torch)
     depth = FLAGS.depth
 
