@@ -20,7 +20,8 @@ arithmetic written another way (measured, docs/performance.md):
   through XLA FFI custom calls (radnet/native): forward, input gradient and kernel
   gradient, each 1.5–10× faster than XLA:CPU's at ResNet shapes. Used for every float32
   convolution without dilation on the CPU when the library is built (``make venv`` builds
-  it); the XLA formulations above are the fallback.
+  it) except on maps of ≤ 128 voxels, where ``im2col`` (k×k×k) and ``pointwise`` (1×1×1)
+  are faster; the XLA formulations above are the fallback.
 - ``plain`` — ``lax.conv_general_dilated``, what ``nn.Conv`` runs; used for strided or
   dilated k×k×k convolutions and on every backend but the CPU.
 
@@ -63,6 +64,10 @@ IM2COL_MAX_VOXELS = 512
 # Against oneDNN the crossover is lower: im2col wins on 3×6×6 (108 voxels) and below,
 # oneDNN from 6×6×6 (216) up (forward and train, B=1–2, 256–512 channels, measured).
 IM2COL_MAX_VOXELS_BESIDE_ONEDNN = 128
+# The same bound sends 1×1×1 convolutions on small maps to ``pointwise``: oneDNN reorders the
+# whole kernel into its blocked layout at every call, and for block4's 2048×1024 kernels on a
+# 1×2×2 map that reorder (1–2.3 ms each, ONEDNN_VERBOSE) outweighs the product itself; the VNet
+# step at 16×64×64 went 0.32 → 0.29 s (two A/B pairs, docs/performance.md).
 
 _DN3 = ("NDHWC", "DHWIO", "NDHWC")
 _DN2 = ("NHWC", "HWIO", "NHWC")
@@ -111,12 +116,12 @@ def choose(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int]
         allow_onednn = onednn_available()
     onednn = (allow_onednn and jnp.dtype(dtype) == jnp.float32 and dilation == (1, 1, 1)
               and (pads is None or all(lo >= 0 and hi >= 0 for lo, hi in pads)))
+    voxels = spatial[0] * spatial[1] * spatial[2]
     if kernel == (1, 1, 1):
-        return "onednn" if onednn else "pointwise"
+        return "onednn" if onednn and voxels > IM2COL_MAX_VOXELS_BESIDE_ONEDNN else "pointwise"
     xla_rewrite = (strides == (1, 1, 1) and dilation == (1, 1, 1)
                    and all(k % 2 == 1 for k in kernel)
                    and (pads is None or _keeps_size(kernel, pads)))
-    voxels = spatial[0] * spatial[1] * spatial[2]
     if xla_rewrite and voxels <= (IM2COL_MAX_VOXELS_BESIDE_ONEDNN if onednn
                                   else IM2COL_MAX_VOXELS):
         return "im2col"

@@ -142,6 +142,10 @@ def test_choice_follows_shapes_and_backend(monkeypatch):
     assert choose1((3, 6, 6)) == "im2col"               # 108 voxels: im2col is faster
     assert choose1((1, 2, 2)) == "im2col"
     assert choose1((8, 32, 32), (1, 1, 1)) == "onednn"
+    # 1×1×1 on a small map: oneDNN would reorder the whole kernel per call for a tiny
+    # product (block4's 2048×1024 kernels at 1×2×2); XLA's matrix product reads it once.
+    assert choose1((1, 2, 2), (1, 1, 1)) == "pointwise"
+    assert choose1((2, 4, 4), (1, 1, 1), s=(2, 2, 2)) == "pointwise"
     assert choose1((8, 32, 32), s=(2, 2, 2)) == "onednn"
     assert choose1((48, 96, 96), (3, 7, 7), s=(1, 2, 2)) == "onednn"   # the radnet stem
     assert choose1((8, 32, 32), d=(2, 2, 2)) == "plain"  # dilation: not wired to oneDNN
