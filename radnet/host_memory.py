@@ -25,7 +25,7 @@ reach threads that already have their own arena — tried, it held in some impor
 not in others). So the command lines that run models (``radnet.main``, ``radnet.train.segment``,
 ``bench/torch_reference.py``) start themselves once more with the tunables added to
 ``GLIBC_TUNABLES`` (:func:`restart_with_tunables`, called by ``radnet.cli.run`` before any
-work; about as long as the imports, 2–3 s). Tunables the user set are kept as they are.
+work; about as long as the imports, ~1 s). Tunables the user set are kept as they are.
 Library users who want the same start their own program with them, e.g.
 ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:… python train.py``
 (:func:`tunables` gives the string).
