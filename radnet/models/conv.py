@@ -63,7 +63,7 @@ ENV_VAR = "RADNET_CONV"
 IM2COL_MAX_VOXELS = 512
 # Against oneDNN the crossover is lower: im2col wins on 3×6×6 (108 voxels) and below,
 # oneDNN from 6×6×6 (216) up (forward and train, B=1–2, 256–512 channels, measured).
-IM2COL_MAX_VOXELS_BESIDE_ONEDNN = 128
+XLA_BEATS_ONEDNN_MAX_VOXELS = 128
 # The same bound sends 1×1×1 convolutions on small maps to ``pointwise``: oneDNN reorders the
 # whole kernel into its blocked layout at every call, and for block4's 2048×1024 kernels on a
 # 1×2×2 map that reorder (1–2.3 ms each, ONEDNN_VERBOSE) outweighs the product itself; the VNet
@@ -118,11 +118,11 @@ def choose(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int]
               and (pads is None or all(lo >= 0 and hi >= 0 for lo, hi in pads)))
     voxels = spatial[0] * spatial[1] * spatial[2]
     if kernel == (1, 1, 1):
-        return "onednn" if onednn and voxels > IM2COL_MAX_VOXELS_BESIDE_ONEDNN else "pointwise"
+        return "onednn" if onednn and voxels > XLA_BEATS_ONEDNN_MAX_VOXELS else "pointwise"
     xla_rewrite = (strides == (1, 1, 1) and dilation == (1, 1, 1)
                    and all(k % 2 == 1 for k in kernel)
                    and (pads is None or _keeps_size(kernel, pads)))
-    if xla_rewrite and voxels <= (IM2COL_MAX_VOXELS_BESIDE_ONEDNN if onednn
+    if xla_rewrite and voxels <= (XLA_BEATS_ONEDNN_MAX_VOXELS if onednn
                                   else IM2COL_MAX_VOXELS):
         return "im2col"
     if onednn:
