@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 FORMULATIONS: tuple[str, ...] = ("plain", "pointwise", "depth_folded", "im2col", "onednn")
-TRANSPOSE_FORMULATIONS: tuple[str, ...] = ("plain", "matmul")
+TRANSPOSE_FORMULATIONS: tuple[str, ...] = ("plain", "matmul", "tapwise")
 ENV_VAR = "RADNET_CONV"
 
 # im2col materialises taps × the input; above this many output voxels per volume the
@@ -73,7 +73,8 @@ _DN3 = ("NDHWC", "DHWIO", "NDHWC")
 _DN2 = ("NHWC", "HWIO", "NHWC")
 
 
-def _rewrites_allowed() -> bool:
+def rewrites_allowed() -> bool:
+    """The CPU formulations may be used: the CPU backend and ``RADNET_CONV`` not ``plain``."""
     if os.environ.get(ENV_VAR, "auto").lower() == "plain":
         return False
     return jax.default_backend() == "cpu"
@@ -82,7 +83,7 @@ def _rewrites_allowed() -> bool:
 def onednn_available() -> bool:
     """oneDNN's convolutions may be used: CPU backend, ``RADNET_CONV`` not ``plain`` or
     ``xla``, and radnet/native built."""
-    if not _rewrites_allowed() or os.environ.get(ENV_VAR, "auto").lower() == "xla":
+    if not rewrites_allowed() or os.environ.get(ENV_VAR, "auto").lower() == "xla":
         return False
     from radnet import native  # noqa: PLC0415
     return native.available()
@@ -106,7 +107,7 @@ def choose(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int]
     explicit (low, high) pads when known (the rewrites need size-keeping padding);
     ``dtype``: the compute dtype (oneDNN's path is float32 only)."""
     if allow_rewrites is None:
-        allow_rewrites = _rewrites_allowed()
+        allow_rewrites = rewrites_allowed()
     if not allow_rewrites:
         return "plain"
     kernel, strides, dilation = tuple(kernel), tuple(strides), tuple(dilation)
@@ -240,6 +241,8 @@ def conv_transpose3d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int]
     strides = tuple(strides)
     if formulation == "plain":
         return jax.lax.conv_transpose(x, kernel, strides, "VALID", dimension_numbers=_DN3)
+    if formulation == "tapwise":
+        return _tapwise_up(x, kernel, strides)
     if formulation != "matmul":
         raise ValueError(f"unknown transposed-convolution formulation {formulation!r}; use "
                          f"one of {TRANSPOSE_FORMULATIONS}")
@@ -250,6 +253,40 @@ def conv_transpose3d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int]
     b, d, h, w, _ = x.shape
     flipped = kernel[::-1, ::-1, ::-1]
     y = jnp.einsum("bdhwc,xyzcf->bdxhywzf", x, flipped)
+    return y.reshape(b, d * fd, h * fh, w * fw, f)
+
+
+def choose_transpose(spatial: Sequence[int], factor: Sequence[int], features: int,
+                     allow_rewrites: bool | None = None) -> str:
+    """The formulation of a non-overlapping up-convolution (kernel = stride = ``factor``)
+    of a ``spatial`` map to ``features`` channels: ``tapwise`` where the kernel outweighs the
+    map (taps·F > voxels: the deep decoder levels), else ``matmul``; ``plain`` off the CPU."""
+    if allow_rewrites is None:
+        allow_rewrites = rewrites_allowed()
+    if not allow_rewrites:
+        return "plain"
+    taps = factor[0] * factor[1] * factor[2]
+    return "tapwise" if taps * features > spatial[0] * spatial[1] * spatial[2] else "matmul"
+
+
+def _tapwise_up(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int]) -> jnp.ndarray:
+    """:func:`conv_transpose3d` as one product per kernel tap, ``[N, C] @ kernel[t]``, the
+    kernel read in place (``[taps, C, F]`` is its own layout): ``matmul``'s single product
+    needs the kernel as ``[C, taps·F]``, a transposed copy of the kernel forward and of its
+    gradient backward — on the deep decoder levels (2048×128×8 kernel, 1×2×2 map) those
+    copies cost more than the product (measured: docs/performance.md). The map is tiny
+    there, so it is broadcast over the taps; the taps are put in place (and in reverse,
+    as ``lax.conv_transpose`` runs them) on the output."""
+    fd, fh, fw, c, f = kernel.shape
+    if (fd, fh, fw) != tuple(strides):
+        raise ValueError(f"tapwise needs kernel = strides, got kernel {(fd, fh, fw)} strides "
+                         f"{tuple(strides)}")
+    b, d, h, w, _ = x.shape
+    taps = fd * fh * fw
+    xs = jnp.broadcast_to(x.reshape(1, b * d * h * w, c), (taps, b * d * h * w, c))
+    y = jax.lax.dot_general(xs, kernel.reshape(taps, c, f), (((2,), (1,)), ((0,), (0,))))
+    y = y.reshape(fd, fh, fw, b, d, h, w, f)[::-1, ::-1, ::-1]
+    y = jnp.transpose(y, (3, 4, 0, 5, 1, 6, 2, 7))
     return y.reshape(b, d * fd, h * fh, w * fw, f)
 
 
@@ -264,7 +301,7 @@ def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
     (both are gradients of the max; ties of non-zero activations are rare)."""
     window, strides = tuple(window), tuple(strides)
     if allow_rewrites is None:
-        allow_rewrites = _rewrites_allowed()
+        allow_rewrites = rewrites_allowed()
     if not (allow_rewrites and window == strides and isinstance(padding, str)
             and padding.upper() == "VALID" and x.ndim == 5):
         return nn.max_pool(x, window, strides=strides, padding=padding)
@@ -277,10 +314,13 @@ def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
     return x.max(axis=(2, 4, 6))
 
 
-def _kernel_and_bias(module: nn.Module, x: jnp.ndarray, window: tuple[int, ...]):
-    """``kernel`` [*window, C_in, F] and ``bias`` [F] (None without ``use_bias``) declared
-    as ``nn.Conv`` / ``nn.ConvTranspose`` declare them, and the compute dtype."""
-    kernel = module.param("kernel", module.kernel_init, window + (x.shape[-1], module.features),
+def _kernel_and_bias(module: nn.Module, x: jnp.ndarray, window: tuple[int, ...],
+                     in_features: int | None = None):
+    """``kernel`` [*window, C_in, F] (C_in: ``in_features`` or ``x``'s channels) and ``bias``
+    [F] (None without ``use_bias``) declared as ``nn.Conv`` / ``nn.ConvTranspose`` declare
+    them, and the compute dtype."""
+    c_in = x.shape[-1] if in_features is None else in_features
+    kernel = module.param("kernel", module.kernel_init, window + (c_in, module.features),
                           module.param_dtype)
     bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
             if module.use_bias else None)
@@ -308,27 +348,43 @@ class Conv3D(nn.Module):
     formulation: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
-        if x.ndim != 5:
-            raise ValueError(f"Conv3D expects [B, D, H, W, C], got shape {x.shape}")
+    def __call__(self, x, *more):
+        """``x`` [B, D, H, W, C]; ``more``: further inputs of the same spatial shape whose
+        channels follow ``x``'s in the kernel, as if concatenated on the channel axis (the
+        parameters are those of ``nn.Conv`` over the concatenation). The convolution is then
+        computed per input and summed: the concatenation is never materialised, and an input
+        that needs no gradient (the network's own input) costs no input-gradient
+        convolution."""
+        parts = (x, *more)
+        for part in parts:
+            if part.ndim != 5 or part.shape[:4] != x.shape[:4]:
+                raise ValueError(f"Conv3D expects [B, D, H, W, C] inputs of one spatial shape, "
+                                 f"got shapes {[p.shape for p in parts]}")
         ksize = tuple(self.kernel_size)
-        kernel, bias, dtype = _kernel_and_bias(self, x, ksize)
+        channels = [part.shape[-1] for part in parts]
+        kernel, bias, dtype = _kernel_and_bias(self, x, ksize, sum(channels))
         pads = _same_pads(x.shape[1:4], ksize, self.strides, self.kernel_dilation,
                           self.padding)
-        formulation = self.formulation
-        if formulation == "auto":
-            formulation = choose(x.shape[1:4], ksize, self.strides, self.kernel_dilation,
-                                 pads=pads, dtype=dtype)
-        y = conv3d(x.astype(dtype), kernel.astype(dtype), self.strides, self.kernel_dilation,
-                   pads, formulation)
+        y, start = None, 0
+        for part, c in zip(parts, channels):
+            formulation = self.formulation
+            if formulation == "auto":
+                formulation = choose(x.shape[1:4], ksize, self.strides, self.kernel_dilation,
+                                     pads=pads, dtype=dtype)
+            k = kernel if len(parts) == 1 else kernel[..., start:start + c, :]
+            term = conv3d(part.astype(dtype), k.astype(dtype), self.strides,
+                          self.kernel_dilation, pads, formulation)
+            y = term if y is None else y + term
+            start += c
         return y if bias is None else y + bias.astype(dtype)
 
 
 class UpConv3D(nn.Module):
     """Drop-in for ``nn.ConvTranspose(features, factor, strides=factor, padding="VALID")``:
     the non-overlapping up-sampling of the VNet decoder. Same ``kernel``
-    [fd, fh, fw, C, F] (and ``bias``). ``formulation``: "auto" (``matmul`` on the CPU,
-    ``plain`` elsewhere) or one of :data:`TRANSPOSE_FORMULATIONS`.
+    [fd, fh, fw, C, F] (and ``bias``). ``formulation``: "auto" (:func:`choose_transpose`:
+    ``tapwise`` or ``matmul`` on the CPU, ``plain`` elsewhere) or one of
+    :data:`TRANSPOSE_FORMULATIONS`.
     """
 
     features: int
@@ -348,6 +404,6 @@ class UpConv3D(nn.Module):
         kernel, bias, dtype = _kernel_and_bias(self, x, factor)
         formulation = self.formulation
         if formulation == "auto":
-            formulation = "matmul" if _rewrites_allowed() else "plain"
+            formulation = choose_transpose(x.shape[1:4], factor, self.features)
         y = conv_transpose3d(x.astype(dtype), kernel.astype(dtype), factor, formulation)
         return y if bias is None else y + bias.astype(dtype)

@@ -110,9 +110,9 @@ def test_strided_pointwise_equals_nn_conv():
                    _rand(rng, plain.apply(params, x).shape))
 
 
+@pytest.mark.parametrize("formulation", ["matmul", "tapwise"])
 @pytest.mark.parametrize("factor", [(2, 2, 2), (1, 2, 2)])
-def test_up_conv_equals_nn_conv_transpose(factor):
-    formulation = "matmul"
+def test_up_conv_equals_nn_conv_transpose(factor, formulation):
     rng = np.random.default_rng(sum(factor))
     x = _rand(rng, (2, 2, 3, 4, 6))
     plain = nn.ConvTranspose(5, factor, strides=factor, padding="VALID", use_bias=True)
@@ -123,6 +123,39 @@ def test_up_conv_equals_nn_conv_transpose(factor):
                                   params["params"]["kernel"])
     _check_against(lambda x, p: plain.apply(p, x), lambda x, p: layer.apply(p, x), x, params,
                    _rand(rng, plain.apply(params, x).shape))
+
+
+def test_up_conv_choice():
+    """tapwise where the kernel outweighs the map (deep decoder levels), matmul on large
+    maps (the top level), plain off the CPU."""
+    choose = lambda spatial, factor=(2, 2, 2), features=128: conv.choose_transpose(
+        spatial, factor, features, allow_rewrites=True)
+    assert choose((1, 2, 2)) == "tapwise"                         # up3 at 16×64×64
+    assert choose((16, 32, 32), (1, 2, 2), 16) == "matmul"        # the top level
+    assert conv.choose_transpose((1, 2, 2), (2, 2, 2), 128, allow_rewrites=False) == "plain"
+
+
+@pytest.mark.parametrize("formulation", ["auto", "plain", "im2col", "onednn"])
+def test_conv_over_several_inputs_equals_nn_conv_over_their_concatenation(formulation):
+    """Conv3D(x, skip): the kernel spans the concatenated channels (nn.Conv's parameters
+    over jnp.concatenate([x, skip])) and the result, with the gradients of both inputs and
+    of the kernel, is nn.Conv's on the concatenation."""
+    if formulation == "onednn" and not native.available():
+        pytest.skip("radnet/native not built (checked by test_onednn_library_is_built_here)")
+    rng = np.random.default_rng(17)
+    x, skip = _rand(rng, (1, 3, 6, 5, 4)), _rand(rng, (1, 3, 6, 5, 1))
+    both = jnp.concatenate([x, skip], axis=-1)
+    plain = nn.Conv(5, (3, 3, 3), use_bias=True)
+    params = plain.init(jax.random.key(0), both)
+    params["params"]["bias"] = _rand(rng, (5,))
+    layer = conv.Conv3D(5, (3, 3, 3), use_bias=True, formulation=formulation)
+    assert jax.tree.map(lambda a: a.shape, layer.init(jax.random.key(0), x, skip)) == \
+        jax.tree.map(lambda a: a.shape, params)
+    _check_against(lambda xs, p: plain.apply(p, xs),
+                   lambda xs, p: layer.apply(p, xs[..., :4], xs[..., 4:]), both, params,
+                   _rand(rng, (1, 3, 6, 5, 5)))
+    with pytest.raises(ValueError, match="one spatial shape"):
+        layer.apply(params, x, skip[:, :2])
 
 
 def test_choice_follows_shapes_and_backend(monkeypatch):
@@ -169,6 +202,42 @@ def test_onednn_library_is_built_here():
     """`make venv` builds radnet/native; a silent fall-back to XLA's convolutions would
     make every CPU step 2–5× slower, so the test environment must have it."""
     assert native.available(), f"{native.LIBRARY} missing: run `python -m radnet.native`"
+
+
+_READS_KERNEL_IN_PLACE = """
+import jax, numpy as np
+from radnet import native
+x = np.random.default_rng(0).standard_normal((1, 4, 8, 8, {c})).astype(np.float32)
+k = np.random.default_rng(1).standard_normal((3, 3, 3, {c}, 16)).astype(np.float32)
+pads = ((1, 1),) * 3
+y = jax.jit(lambda x, k: native.conv3d_forward(x, k, (1, 1, 1), pads))(x, k)
+ref = jax.lax.conv_general_dilated(x, k, (1, 1, 1), pads,
+                                   dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+print("max_err", float(np.max(np.abs(np.asarray(y) - np.asarray(ref)))))
+"""
+
+
+@pytest.mark.parametrize("channels,reorders", [(16, False), (17, False), (1, True)])
+def test_onednn_forward_reads_the_kernel_in_place(channels, reorders):
+    """The forward primitive takes radnet's [kd, kh, kw, C, F] kernel as it is where oneDNN
+    has a direct kernel for that layout (ONEDNN_VERBOSE shows no weights reorder); a
+    1-channel input (the stem) keeps the blocked layout and its reorder. Either way the
+    result is the convolution."""
+    if not native.available():
+        pytest.skip("radnet/native not built (checked by test_onednn_library_is_built_here)")
+    env = dict(os.environ, ONEDNN_VERBOSE="1")
+    done = subprocess.run([sys.executable, "-c", _READS_KERNEL_IN_PLACE.format(c=channels)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    conv_lines = [l for l in lines if l.startswith("onednn_verbose") and ",convolution," in l
+                  and ",exec," in l]
+    reorder_lines = [l for l in lines if l.startswith("onednn_verbose") and ",reorder," in l
+                     and ",exec," in l]
+    assert len(conv_lines) == 1 and ",forward_training," in conv_lines[0]
+    assert bool(reorder_lines) == reorders, reorder_lines
+    err = float(next(l for l in lines if l.startswith("max_err")).split()[1])
+    assert err < 1e-3  # 27·C products of N(0,1) terms: float32 order differences ~1e-5
 
 
 def test_native_build_failure_is_one_line_and_exit_2(tmp_path):
@@ -225,7 +294,8 @@ def test_model_same_with_and_without_rewrites(monkeypatch):
     """A whole network: the same parameters and the same outputs whether its layers take
     the CPU formulations or the plain path (RADNET_CONV=plain). A VNet on a ResNet10
     encoder at 16×64×64 meets them all: depth_folded (block1, 8×16×16), im2col (block2–4,
-    down to 1×2×2), pointwise (shortcuts, logits), matmul up-convolutions. (Gradients are
+    down to 1×2×2), pointwise (shortcuts, logits), matmul and tapwise up-convolutions, the
+    top level's conv1 over two inputs. (Gradients are
     checked per layer above, where a rigorous bound exists; through a network in training
     mode batch norm amplifies reordering differences by the inverse of tiny batch
     variances, so a whole-network gradient comparison would need a loose, unjustified
