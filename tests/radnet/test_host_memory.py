@@ -41,18 +41,22 @@ _SCRIPT = textwrap.dedent("""
             step(x).block_until_ready()
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         print(json.dumps(dict(temp=temp, faults=faults, in_force=host_memory.in_force(),
-                              tunables=os.environ.get("GLIBC_TUNABLES", ""), argv=argv[1:])))
+                              tunables=os.environ.get("GLIBC_TUNABLES", ""), argv=argv[1:],
+                              omp=os.environ.get("OMP_WAIT_POLICY"))))
 
     cli.run(main, keep_host_memory=True)
 """)
 
 
-def _run(tmp_path, env_value, tunables=None):
+def _run(tmp_path, env_value, tunables=None, omp=None):
     script = tmp_path / "probe.py"
     script.write_text(_SCRIPT)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("RADNET_HOST_MEMORY", None)
     env.pop("GLIBC_TUNABLES", None)
+    env.pop("OMP_WAIT_POLICY", None)
+    if omp is not None:
+        env["OMP_WAIT_POLICY"] = omp
     if env_value is not None:
         env["RADNET_HOST_MEMORY"] = env_value
     if tunables is not None:
@@ -79,6 +83,9 @@ def test_restart_with_tunables_reuses_the_temporary_buffer(tmp_path):
     # One restart, same process, same arguments, the tunables in force.
     assert len(starts) == 2 and starts[0] == starts[1], starts
     assert kept["in_force"] and kept["argv"] == ["extra", "args"]
+    # OpenMP's threads sleep between convolutions (set at the same start); "system" leaves
+    # OpenMP's default too.
+    assert kept["omp"] == "PASSIVE" and base["omp"] is None
     assert kept["temp"] == base["temp"]
     assert max(kept["faults"]) < pages // 50, kept
 
@@ -90,6 +97,8 @@ def test_users_own_tunables_are_kept(tmp_path):
     assert res["tunables"].split(":")[0] == mine and "glibc.malloc.arena_max=1" not in res[
         "tunables"]
     assert host_memory.tunables(mine) == res["tunables"]
+    res, starts = _result(_run(tmp_path, None, omp="ACTIVE"))
+    assert len(starts) == 2 and res["omp"] == "ACTIVE" and res["in_force"]
 
 
 def test_misspelt_setting_is_one_line_and_exit_2(tmp_path):
