@@ -1,5 +1,5 @@
 """radnet against PyTorch on the CPU: the same networks, losses and optimizer, timed
-interleaved in one process.
+interleaved in one process pair (radnet here, PyTorch in a worker this script starts).
 
     pip install torch --index-url https://download.pytorch.org/whl/cpu   # bench only
     pip install --no-deps monai                                           # optional
@@ -19,7 +19,11 @@ Fairness: both frameworks use ``--threads`` threads (default: all cores;
 ``torch.set_num_threads``, XLA's ``intra_op_parallelism_threads`` and, for radnet's oneDNN
 convolutions, ``OMP_NUM_THREADS``); every case is
 compiled / warmed up first, then rounds alternate radnet and PyTorch step by step so a
-change of load hits both alike; the median of each side counts; ``load_avg_1m`` is read
+change of load hits both alike. Each framework runs in its own process: radnet's with the
+start settings of radnet/host_memory.py (malloc tunables, OpenMP threads that sleep
+between convolutions), PyTorch's under the user's own environment, so neither runs under
+the other's settings or shares its OpenMP runtime and heap (sharing them slowed radnet's
+VNet step by 20–40 %, measured); the median of each side counts; ``load_avg_1m`` is read
 before every round and the largest is printed (measure with it under 1.5). One JSON line
 per case and mode; ``ratio`` = radnet / PyTorch step time (< 1: radnet faster).
 GFLOP per step: PyTorch's ``FlopCounterMode`` on the PyTorch twin (the same arithmetic as
@@ -58,6 +62,8 @@ flags.DEFINE_enum("conv", "auto", ["auto", "xla", "plain"], "radnet's convolutio
                   "(radnet/models/conv.py): auto (oneDNN where built, else the XLA rewrites), xla "
                   "(the XLA rewrites only) or plain (XLA's own convolutions).")
 flags.DEFINE_bool("monai", True, "Also time MONAI's VNet for vnet cases when importable.")
+flags.DEFINE_enum("role", "radnet", ["radnet", "torch"], "Internal: torch = the PyTorch "
+                  "worker process this benchmark starts itself.")
 FLAGS = flags.FLAGS
 
 
@@ -170,78 +176,19 @@ def _batch_np(shape, batch, rng, np, labels):
     return out
 
 
-def _build(model_name, shape, batch, threads):
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+def _torch_side(model_name, shape, batch, threads):
+    """The PyTorch worker's side of a case: {runner name: one step}, and facts about it."""
     import numpy as np  # noqa: PLC0415
-    import optax  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from radnet import labels, models  # noqa: PLC0415
-    from radnet.train import pretrain, state as state_lib  # noqa: PLC0415
+    from radnet import labels  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     weights = dict(sequence=1.0, view=1.0, contrast=1.0, coverage=1.0, slice_spacing=0.1)
     data = _batch_np(shape, batch, np.random.default_rng(0), np, labels)
-    optimizer = optax.chain(state_lib.clip_by_global_norm(1.0), optax.adam(1e-4))
     TorchRadNet, TorchVNet = _torch_models(torch)
-    depth = FLAGS.depth
-
-    if model_name == "resnet50":
-        model = models.RadNet(depth=depth)
-        keys = pretrain.TRAIN_KEYS
-        train_fn = pretrain.make_train_step(model, optimizer, weights, None)
-        tmodel = TorchRadNet(depth)
-    else:  # vnet (_parse_case admits only the two)
-        model = models.VNet(depth=depth)
-        keys = ("volume", "mask")
-
-        def train_fn(state, b, rng):
-            del rng
-
-            def loss_fn(params):
-                logits, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]},
-                                          pretrain.model_inputs(b["volume"]), train=True,
-                                          mutable=["batch_stats"])
-                return optax.softmax_cross_entropy_with_integer_labels(
-                    logits, b["mask"]).mean(), upd["batch_stats"]
-            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-            return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"],
-                                                                             updates),
-                     "batch_stats": stats, "opt_state": opt_state}, {"loss": loss})
-        tmodel = TorchVNet(depth)
-
-    jbatch = {k: jnp.asarray(data[k]) for k in keys}
-    x0 = pretrain.model_inputs(jbatch["volume"])
-    variables = jax.jit(lambda: model.init(jax.random.key(0), x0, train=False))()
-    state = state_lib.state_from_variables(optimizer, variables)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
-    n_torch = sum(p.numel() for p in tmodel.parameters())
-    if n_params != n_torch:
-        raise SystemExit(f"parameter counts differ: radnet {n_params}, PyTorch {n_torch}")
-    step = jax.jit(train_fn, donate_argnums=(0,))
-    fwd = jax.jit(lambda v, vol: model.apply(v, pretrain.model_inputs(vol), train=False))
-    rng = jax.random.key(1)
-    t0 = time.perf_counter()
-    state, _ = jax.block_until_ready(step(state, jbatch, rng))
-    compile_train = time.perf_counter() - t0
-    holder = {"state": state}
-
-    def radnet_train():
-        holder["state"], m = step(holder["state"], jbatch, rng)
-        jax.block_until_ready(m)
-
-    def radnet_forward():
-        s = holder["state"]
-        jax.block_until_ready(fwd({"params": s["params"], "batch_stats": s["batch_stats"]},
-                                  jbatch["volume"]))
-
-    t0 = time.perf_counter()
-    radnet_forward()
-    compile_forward = time.perf_counter() - t0
-
+    tmodel = TorchRadNet(FLAGS.depth) if model_name == "resnet50" else TorchVNet(FLAGS.depth)
     tbatch = {k: torch.from_numpy(np.asarray(v)) for k, v in data.items()}
     tbatch["mask"] = tbatch["mask"].long()
     for head in labels.CLASS_HEADS:
@@ -274,8 +221,11 @@ def _build(model_name, shape, batch, threads):
             fn()
         return counter.get_total_flops() / 1e9
 
-    sides = {"train": (radnet_train, torch_train), "forward": (radnet_forward, torch_forward)}
-    extra = {}
+    runners = {"torch_train": torch_train, "torch_forward": torch_forward}
+    info = dict(torch_params=sum(p.numel() for p in tmodel.parameters()),
+                gflop_train=round(gflop(torch_train), 2),
+                gflop_forward=round(gflop(torch_forward), 2),
+                torch_version=torch.__version__)
     if model_name == "vnet" and FLAGS.monai:
         try:
             from monai.networks.nets import VNet as MonaiVNet  # noqa: PLC0415
@@ -291,11 +241,146 @@ def _build(model_name, shape, batch, threads):
                 torch.nn.functional.cross_entropy(mnet(tx), tbatch["mask"]).backward()
                 torch.nn.utils.clip_grad_norm_(mnet.parameters(), 1.0)
                 mopt.step()
-            extra["monai_vnet"] = (monai_train, gflop(monai_train))
+            runners["monai_vnet_train"] = monai_train
+            info["monai_vnet_gflop"] = round(gflop(monai_train), 2)
+    return runners, info
+
+
+def _torch_worker():
+    """``--role=torch``: builds the PyTorch side of each case asked for on stdin and runs
+    one step per request, answering with its time (JSON lines; stdout carries nothing else)."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # library chatter goes to stderr, not into the protocol
+    runners = {}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["op"] == "build":
+            runners, info = _torch_side(msg["model"], tuple(msg["shape"]), msg["batch"],
+                                        msg["threads"])
+            answer = info
+        elif msg["op"] == "run":
+            t0 = time.perf_counter()
+            runners[msg["name"]]()
+            answer = {"s": time.perf_counter() - t0}
+        else:
+            return
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+
+
+class _TorchProcess:
+    """The PyTorch side in its own process (the process pair): its own OpenMP runtime,
+    malloc and environment as the user has them — not the settings radnet's restart gives
+    radnet's process (radnet/host_memory.py) — so neither framework runs under the
+    other's."""
+
+    def __init__(self, threads):
+        import subprocess  # noqa: PLC0415
+
+        from radnet import host_memory  # noqa: PLC0415
+        env = host_memory.original_environment()
+        env["OMP_NUM_THREADS"] = str(threads)
+        flags_out = [f"--depth={FLAGS.depth}", f"--monai={str(FLAGS.monai).lower()}"]
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--role=torch", *flags_out],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, **msg):
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the PyTorch worker ended (exit {self.proc.wait()}); its "
+                               f"message is above")
+        return json.loads(line)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def _build(model_name, shape, batch, threads, worker):
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+
+    from radnet import labels, models  # noqa: PLC0415
+    from radnet.train import pretrain, state as state_lib  # noqa: PLC0415
+
+    weights = dict(sequence=1.0, view=1.0, contrast=1.0, coverage=1.0, slice_spacing=0.1)
+    data = _batch_np(shape, batch, np.random.default_rng(0), np, labels)
+    optimizer = optax.chain(state_lib.clip_by_global_norm(1.0), optax.adam(1e-4))
+    depth = FLAGS.depth
+
+    if model_name == "resnet50":
+        model = models.RadNet(depth=depth)
+        keys = pretrain.TRAIN_KEYS
+        train_fn = pretrain.make_train_step(model, optimizer, weights, None)
+    else:  # vnet (_parse_case admits only the two)
+        model = models.VNet(depth=depth)
+        keys = ("volume", "mask")
+
+        def train_fn(state, b, rng):
+            del rng
+
+            def loss_fn(params):
+                logits, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]},
+                                          pretrain.model_inputs(b["volume"]), train=True,
+                                          mutable=["batch_stats"])
+                return optax.softmax_cross_entropy_with_integer_labels(
+                    logits, b["mask"]).mean(), upd["batch_stats"]
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"],
+                                                                             updates),
+                     "batch_stats": stats, "opt_state": opt_state}, {"loss": loss})
+
+    jbatch = {k: jnp.asarray(data[k]) for k in keys}
+    x0 = pretrain.model_inputs(jbatch["volume"])
+    variables = jax.jit(lambda: model.init(jax.random.key(0), x0, train=False))()
+    state = state_lib.state_from_variables(optimizer, variables)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+    info = worker.ask(op="build", model=model_name, shape=list(shape), batch=batch,
+                      threads=threads)
+    if n_params != info["torch_params"]:
+        raise SystemExit(f"parameter counts differ: radnet {n_params}, PyTorch "
+                         f"{info['torch_params']}")
+    step = jax.jit(train_fn, donate_argnums=(0,))
+    fwd = jax.jit(lambda v, vol: model.apply(v, pretrain.model_inputs(vol), train=False))
+    rng = jax.random.key(1)
+    t0 = time.perf_counter()
+    state, _ = jax.block_until_ready(step(state, jbatch, rng))
+    compile_train = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def radnet_train():
+        holder["state"], m = step(holder["state"], jbatch, rng)
+        jax.block_until_ready(m)
+
+    def radnet_forward():
+        s = holder["state"]
+        jax.block_until_ready(fwd({"params": s["params"], "batch_stats": s["batch_stats"]},
+                                  jbatch["volume"]))
+
+    t0 = time.perf_counter()
+    radnet_forward()
+    compile_forward = time.perf_counter() - t0
+
+    def remote(name):
+        return lambda: worker.ask(op="run", name=name)["s"]
+
+    sides = {"train": (radnet_train, remote("torch_train")),
+             "forward": (radnet_forward, remote("torch_forward"))}
+    extra = {}
+    if "monai_vnet_gflop" in info:
+        extra["monai_vnet"] = (remote("monai_vnet_train"), info["monai_vnet_gflop"])
     info = dict(params=n_params, compile_train_s=round(compile_train, 2),
                 compile_forward_s=round(compile_forward, 2),
-                gflop_train=round(gflop(torch_train), 2),
-                gflop_forward=round(gflop(torch_forward), 2))
+                gflop_train=info["gflop_train"], gflop_forward=info["gflop_forward"],
+                torch_version=info["torch_version"])
     return sides, extra, info
 
 
@@ -311,13 +396,30 @@ def _wait_for_quiet(max_load: float, max_wait_s: int) -> None:
 
 def main(argv):
     del argv
+    if FLAGS.role == "torch":
+        return _torch_worker()
     os.environ["RADNET_CONV"] = FLAGS.conv
     threads = _setup_threads(FLAGS.threads)
     import jax  # noqa: PLC0415  (after XLA_FLAGS)
     jax.config.update("jax_platforms", "cpu")
     cases = [_parse_case(text) for text in FLAGS.cases]  # every mistake before any work
+    worker = _TorchProcess(threads)
+    try:
+        _run_cases(cases, threads, worker, jax)
+    finally:
+        worker.close()
+
+
+def _timed(fn):
+    """Seconds of one step: the worker's own timing for the PyTorch side (no pipe time)."""
+    t0 = time.perf_counter()
+    reported = fn()
+    return reported if isinstance(reported, float) else time.perf_counter() - t0
+
+
+def _run_cases(cases, threads, worker, jax):
     for model_name, shape, batch in cases:
-        sides, extra, info = _build(model_name, shape, batch, threads)
+        sides, extra, info = _build(model_name, shape, batch, threads, worker)
         for mode in FLAGS.modes:
             ours, theirs = sides[mode]
             runners = {"radnet": ours, "torch": theirs}
@@ -332,9 +434,7 @@ def main(argv):
                 _wait_for_quiet(FLAGS.max_load, FLAGS.max_wait_s)
                 loads.append(os.getloadavg()[0])
                 for name, fn in runners.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(_timed(fn))
             med = {k: statistics.median(v) for k, v in times.items()}
             gflop = info[f"gflop_{mode}"]
             line = dict(bench="torch_reference", model=model_name, mode=mode,
@@ -350,7 +450,6 @@ def main(argv):
                         radnet_ms_per_gflop=round(1e3 * med["radnet"] / gflop, 2),
                         torch_ms_per_gflop=round(1e3 * med["torch"] / gflop, 2),
                         load_avg_1m_max=round(max(loads), 2),
-                        torch_version=sys.modules["torch"].__version__,
                         jax_version=jax.__version__, **info)
             for name, (_, g) in extra.items():
                 if name in med:
@@ -363,5 +462,7 @@ def main(argv):
 if __name__ == "__main__":
     from radnet import cli  # noqa: PLC0415
 
-    # One line and exit 2 for a wrong flag (radnet's own command lines do the same).
-    cli.run(main, user_errors=(ValueError,), keep_host_memory=True)  # e.g. a volume too small for the encoder
+    # One line and exit 2 for a wrong flag (radnet's own command lines do the same). The
+    # PyTorch worker keeps the user's process settings (no restart: _TorchProcess).
+    cli.run(main, user_errors=(ValueError,),  # e.g. a volume too small for the encoder
+            keep_host_memory="--role=torch" not in sys.argv)
