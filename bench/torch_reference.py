@@ -19,7 +19,12 @@ Fairness: both frameworks use ``--threads`` threads (default: all cores;
 ``torch.set_num_threads``, XLA's ``intra_op_parallelism_threads`` and, for radnet's oneDNN
 convolutions, ``OMP_NUM_THREADS``); every case is
 compiled / warmed up first, then rounds alternate radnet and PyTorch step by step so a
-change of load hits both alike. Each framework runs in its own process: radnet's with the
+change of load hits both alike, each round starting with the next side in turn (whichever
+runs first after the wait for a quiet machine starts cold), and each timed step preceded by
+``--prime`` untimed steps of the same side (default 1): a timed step is then the second of a
+run of steps, as in training, not one that follows the other side or an idle wait (on the
+2-core test machine a VNet step that follows a 3 s idle or the other side's step took
+0.32–0.9 s against 0.25–0.28 s back to back, measured). Each framework runs in its own process: radnet's with the
 start settings of radnet/host_memory.py (malloc tunables, OpenMP threads that sleep
 between convolutions), PyTorch's under the user's own environment, so neither runs under
 the other's settings or shares its OpenMP runtime and heap (sharing them slowed radnet's
@@ -52,6 +57,9 @@ flags.DEFINE_list("cases", ["resnet50:16x64x64:2", "resnet50:48x96x96:2",
 flags.DEFINE_list("modes", ["train", "forward"], "train and/or forward.")
 flags.DEFINE_integer("rounds", 5, "Timed rounds per case (one step of each side per round).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per side after compilation.")
+flags.DEFINE_integer("prime", 1, "Untimed steps of a side right before each of its timed "
+                     "steps: every timed step is one of a run of steps, as in training, not "
+                     "the first after the other side's step or after the wait for quiet.")
 flags.DEFINE_float("max_load", 0.0, "When > 0: before each timed round wait (up to "
                    "--max_wait_s) until the 1-minute load average is under this value, "
                    "so every round starts on a quiet machine (the wait is not timed).")
@@ -430,11 +438,18 @@ def _run_cases(cases, threads, worker, jax):
                     fn()
             times = {k: [] for k in runners}
             loads = []
-            for _ in range(FLAGS.rounds):
+            names = list(runners)
+            for r in range(FLAGS.rounds):
                 _wait_for_quiet(FLAGS.max_load, FLAGS.max_wait_s)
                 loads.append(os.getloadavg()[0])
-                for name, fn in runners.items():
-                    times[name].append(_timed(fn))
+                # The side that runs first after the wait for a quiet machine is measurably
+                # slower (an idle CPU wakes up cold: a VNet step 0.32–0.47 s after a 3 s
+                # sleep against 0.25–0.28 s back to back): each round starts with the next
+                # side in turn, so no side always takes that slot.
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    for _ in range(FLAGS.prime):
+                        runners[name]()
+                    times[name].append(_timed(runners[name]))
             med = {k: statistics.median(v) for k, v in times.items()}
             gflop = info[f"gflop_{mode}"]
             line = dict(bench="torch_reference", model=model_name, mode=mode,
@@ -449,7 +464,8 @@ def _run_cases(cases, threads, worker, jax):
                         gflop=gflop,
                         radnet_ms_per_gflop=round(1e3 * med["radnet"] / gflop, 2),
                         torch_ms_per_gflop=round(1e3 * med["torch"] / gflop, 2),
-                        load_avg_1m_max=round(max(loads), 2),
+                        load_avg_1m_max=round(max(loads), 2), prime=FLAGS.prime,
+                        round_times_s={k: [round(x, 4) for x in v] for k, v in times.items()},
                         jax_version=jax.__version__, **info)
             for name, (_, g) in extra.items():
                 if name in med:

@@ -106,3 +106,18 @@ def test_misspelt_setting_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "RADNET_HOST_MEMORY" in lines[0] and "system" in lines[0], lines
+
+
+def test_original_environment_undoes_what_the_restart_added():
+    """bench/torch_reference.py starts PyTorch under the user's own settings: the variables
+    the restart added are removed, those it changed get their old values back."""
+    import json as json_lib
+
+    saved = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "OMP_WAIT_POLICY": None}
+    env = {"PATH": "/bin", host_memory.ORIGINAL_VAR: json_lib.dumps(saved),
+           "GLIBC_TUNABLES": host_memory.tunables("glibc.malloc.arena_max=2"),
+           "OMP_WAIT_POLICY": "PASSIVE"}
+    assert host_memory.original_environment(env) == {
+        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    # Not restarted (RADNET_HOST_MEMORY=system, or not Linux): the environment as it is.
+    assert host_memory.original_environment({"PATH": "/bin"}) == {"PATH": "/bin"}
