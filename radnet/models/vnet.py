@@ -37,7 +37,8 @@ DECODER_LEVELS: tuple[tuple[str, str, int], ...] = (
 
 
 # The top level's skip is the network's input (1 channel, no gradient): its conv1 runs as
-# two convolutions summed rather than one over a 17-channel concatenation (measured: below).
+# two convolutions summed rather than one over a 17-channel concatenation, on the CPU
+# (VNet step 0.298 vs 0.308 s, in-process A/B: docs/performance.md).
 SPLIT_INPUT_SKIP = True
 
 
